@@ -1,0 +1,80 @@
+"""The `rmt-deploy` command line: a click group whose commands load lazily.
+
+Each command lives beside the code it drives (training/, export/, runtime/,
+bench/); this module only routes, so `rmt-deploy predict` never imports torch.
+A user error (RmtError) prints as one line on stderr and exits 1.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from rmt_deploy import __version__
+from rmt_deploy.errors import RmtError
+
+# command name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "train": "rmt_deploy.training.cli:train",
+    "eval": "rmt_deploy.training.cli:evaluate",
+    "export": "rmt_deploy.export.cli:export",
+    "inspect": "rmt_deploy.inspect:inspect",
+    "predict": "rmt_deploy.runtime.cli:predict",
+    "bench": "rmt_deploy.bench.cli:bench",
+    "demo": "rmt_deploy.demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module only when that command runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name in COMMANDS if self._importable(name))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("rmt_deploy"):
+                return None  # command not built yet in this version
+            raise
+        return getattr(module, attribute)
+
+    @staticmethod
+    def _importable(name: str) -> bool:
+        module_name = COMMANDS[name].split(":")[0]
+        return importlib.util.find_spec(module_name) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rmt-deploy")
+def cli() -> None:
+    """Train, export and serve Regularized Mask Tuning tasks for open_clip models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI, printing user errors as one line."""
+    try:
+        cli.main(args=argv, prog_name="rmt-deploy", standalone_mode=False)
+    except RmtError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Exception types: `RmtError` for anything a user can fix, `InternalError` for bugs."""
+from __future__ import annotations
+
+
+class RmtError(Exception):
+    """A problem the user can fix; the message names the bad value and the fix."""
+
+
+class ArtifactError(RmtError):
+    """A file is unreadable, truncated, altered or of the wrong format."""
+
+
+class IncompatibleBaseError(RmtError):
+    """A task pack was trained on a different base model (fingerprint mismatch)."""
+
+
+class UnknownTaskError(RmtError):
+    """A task name that the bundle or engine does not hold."""
+
+
+class InputError(RmtError):
+    """Bad user input: arguments, images, data sets, paths."""
+
+
+class MissingDependencyError(RmtError):
+    """An optional package is missing; the message names the extra to install."""
+
+
+class InternalError(Exception):
+    """A bug in rmt-deploy, not in the user's input."""
+
+
+def require(module: str, extra: str):
+    """Import an optional module or raise MissingDependencyError naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{module} is not installed ({exc}); install it with: pip install 'rmt-deploy[{extra}]'"
+        ) from None

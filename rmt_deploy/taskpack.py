@@ -1,0 +1,231 @@
+"""TaskPack: one task in one safetensors file (<task>.rmtask).
+
+Tensors: `head` float32 [C, D] and one uint8 payload per masked tensor
+(`mask/<tensor name>`, encoded by rmt_deploy.masks). Metadata: one JSON string
+under the header key `rmt_deploy`. Loading never unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError
+from rmt_deploy.fingerprint import short
+from rmt_deploy.masks import decode_mask, encode_mask
+
+FORMAT_TAG = "rmt-deploy.taskpack"
+FORMAT_VERSION = 1
+SUFFIX = ".rmtask"
+METADATA_KEY = "rmt_deploy"
+CHECKSUM_KEY = "rmt_deploy_sha256"
+HEAD_KEY = "head"
+MASK_PREFIX = "mask/"
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_task_name(name: str) -> str:
+    """Task names become file names: letters, digits, '_', '.', '-' only."""
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        raise InputError(
+            f"task name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class TaskPack:
+    """A trained task: binary masks over base weights plus its class head."""
+
+    name: str
+    class_names: list[str]
+    head: np.ndarray
+    masks: dict[str, np.ndarray]
+    base_fingerprint: str
+    model_name: str
+    logit_scale: float = 100.0
+    template: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_task_name(self.name)
+        self.class_names = [str(c) for c in self.class_names]
+        self.head = np.ascontiguousarray(self.head, dtype=np.float32)
+        if self.head.ndim != 2 or self.head.shape[0] != len(self.class_names):
+            raise InputError(
+                f"head shape {self.head.shape} does not match {len(self.class_names)} class names "
+                "(expected [classes, embed_dim])"
+            )
+        for tensor_name, keep in self.masks.items():
+            if not isinstance(keep, np.ndarray) or keep.dtype != np.bool_:
+                raise InputError(f"mask for {tensor_name!r} must be a bool numpy array")
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of masked entries that are zero (dropped weights)."""
+        total = sum(int(m.size) for m in self.masks.values())
+        zeros = sum(int(m.size - np.count_nonzero(m)) for m in self.masks.values())
+        return zeros / total if total else 0.0
+
+    def check_base(self, fingerprint: str) -> None:
+        """Raise IncompatibleBaseError unless this pack was trained on that base."""
+        if fingerprint != self.base_fingerprint:
+            raise IncompatibleBaseError(
+                f"task '{self.name}' was trained on base {short(self.base_fingerprint)} "
+                f"({self.model_name}), not on this base {short(fingerprint)}: "
+                "retrain the task on this base or load the base it was trained on"
+            )
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON-able header describing this pack."""
+        return {
+            "format": FORMAT_TAG,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "class_names": self.class_names,
+            "template": self.template,
+            "logit_scale": float(self.logit_scale),
+            "base_fingerprint": self.base_fingerprint,
+            "model_name": self.model_name,
+            "masked_tensors": [
+                {"name": n, "shape": list(m.shape), "dtype": "bool"} for n, m in self.masks.items()
+            ],
+            "mask_encoding": "rmt-mask-v1",
+            "sparsity": self.sparsity,
+            "metrics": self.metrics,
+            "hyperparameters": self.hyperparameters,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the pack atomically (temp file in the same folder, fsync, rename)."""
+        from safetensors.numpy import save
+
+        path = Path(path)
+        tensors = {HEAD_KEY: self.head}
+        for tensor_name, keep in self.masks.items():
+            tensors[MASK_PREFIX + tensor_name] = np.frombuffer(encode_mask(keep), dtype=np.uint8)
+        meta_json = json.dumps(self.metadata())
+        metadata = {METADATA_KEY: meta_json, CHECKSUM_KEY: _checksum(meta_json, tensors)}
+        data = save(tensors, metadata=metadata)
+        write_atomic(path, data)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TaskPack":
+        """Read and validate a pack; any problem raises ArtifactError naming the path."""
+        path = Path(path)
+        try:
+            return _load(path)
+        except RmtError as exc:
+            if isinstance(exc, ArtifactError) and str(path) in str(exc):
+                raise
+            raise ArtifactError(f"{path}: {exc}") from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to path via a temp file in the same folder, fsync and rename."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} does not exist: create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write to {folder}: {exc.strerror}; choose a writable folder") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over the metadata JSON and every tensor, so any altered byte is caught."""
+    import hashlib
+
+    digest = hashlib.sha256(meta_json.encode())
+    for key in sorted(tensors):
+        array = np.ascontiguousarray(tensors[key])
+        digest.update(f"|{key}|{array.dtype.str}|{list(array.shape)}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such task file")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except ArtifactError:
+        raise
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ArtifactError(f"{path}: not a readable task file ({type(exc).__name__}: {exc})") from None
+    if METADATA_KEY not in header:
+        raise ArtifactError(f"{path}: not an rmt-deploy task file (no '{METADATA_KEY}' metadata)")
+    if header.get(CHECKSUM_KEY) != _checksum(header[METADATA_KEY], tensors):
+        raise ArtifactError(f"{path}: checksum mismatch: the file was altered or damaged")
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: task metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: task metadata is not a JSON object")
+    return meta, tensors
+
+
+def _load(path: Path) -> TaskPack:
+    meta, tensors = _read_container(path)
+    if meta.get("format") != FORMAT_TAG:
+        raise ArtifactError(f"{path}: format tag {meta.get('format')!r} is not {FORMAT_TAG!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: task format version {meta.get('version')!r} is not supported "
+            f"(this rmt-deploy reads version {FORMAT_VERSION}); upgrade rmt-deploy"
+        )
+    try:
+        entries = meta["masked_tensors"]
+        head = tensors[HEAD_KEY]
+        masks = {}
+        for entry in entries:
+            payload = tensors[MASK_PREFIX + entry["name"]]
+            keep = decode_mask(payload.tobytes())
+            if list(keep.shape) != list(entry["shape"]):
+                raise ArtifactError(
+                    f"{path}: mask {entry['name']!r} decodes to shape {list(keep.shape)}, "
+                    f"header says {entry['shape']}"
+                )
+            masks[entry["name"]] = keep
+        extra = set(tensors) - {HEAD_KEY} - {MASK_PREFIX + e["name"] for e in entries}
+        if extra:
+            raise ArtifactError(f"{path}: unexpected tensors {sorted(extra)}")
+        if head.dtype != np.float32:
+            raise ArtifactError(f"{path}: head dtype {head.dtype} is not float32")
+        return TaskPack(
+            name=meta["name"],
+            class_names=list(meta["class_names"]),
+            head=head,
+            masks=masks,
+            base_fingerprint=str(meta["base_fingerprint"]),
+            model_name=str(meta["model_name"]),
+            logit_scale=float(meta["logit_scale"]),
+            template=str(meta.get("template", "")),
+            metrics=dict(meta.get("metrics", {})),
+            hyperparameters=dict(meta.get("hyperparameters", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None
