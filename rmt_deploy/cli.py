@@ -20,7 +20,7 @@ COMMANDS = {
     "train": "rmt_deploy.training.cli:train",
     "eval": "rmt_deploy.training.cli:evaluate",
     "export": "rmt_deploy.export.cli:export",
-    "inspect": "rmt_deploy.inspect:inspect",
+    "inspect": "rmt_deploy.inspect_task:inspect",
     "predict": "rmt_deploy.runtime.cli:predict",
     "bench": "rmt_deploy.bench.cli:bench",
     "demo": "rmt_deploy.demo:demo",

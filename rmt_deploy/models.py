@@ -84,7 +84,7 @@ def load_base(model_name: str, pretrained: str | None = None, device: str = "cpu
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=source, device=device
         )
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as exc:
         raise InputError(
             f"cannot load {model_name} weights from {pretrained!r}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300]}"

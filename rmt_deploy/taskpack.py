@@ -150,6 +150,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
+    """The encoded mask of each masked tensor, checksum-verified but not decoded.
+
+    For callers that want zero positions (masks.decode_zero_indices) or sizes
+    without materialising one bool per weight.
+    """
+    path = Path(path)
+    meta, tensors = _read_container(path)
+    try:
+        return {e["name"]: tensors[MASK_PREFIX + e["name"]].tobytes() for e in meta["masked_tensors"]}
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: task file is incomplete or malformed ({exc})") from None
+
+
 def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     """sha256 over the metadata JSON and every tensor, so any altered byte is caught."""
     import hashlib

@@ -1,0 +1,93 @@
+"""`rmt-deploy inspect`: summarise a .rmtask file (numpy only)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from rmt_deploy.fingerprint import short
+from rmt_deploy.masks import mask_stats
+from rmt_deploy.taskpack import TaskPack, load_mask_blobs
+
+
+def _binary_entropy_bytes(size: int, zeros: int) -> float:
+    if size == 0 or zeros in (0, size):
+        return 0.0
+    p = zeros / size
+    return size * float(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))) / 8
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """A JSON-able summary of a task pack: task, classes, base, masks and their storage."""
+    pack = TaskPack.load(path)
+    tensors = []
+    for name, blob in load_mask_blobs(path).items():
+        stats = mask_stats(blob)
+        tensors.append({
+            "name": name,
+            "shape": list(stats.shape),
+            "sparsity": stats.zeros / stats.size if stats.size else 0.0,
+            "stored_bytes": len(blob),
+            "entropy_bound_bytes": _binary_entropy_bytes(stats.size, stats.zeros),
+            "packbits_bytes": (stats.size + 7) // 8,
+            "method": stats.method,
+        })
+    return {
+        "path": str(path),
+        "task": pack.name,
+        "classes": pack.class_names,
+        "template": pack.template,
+        "model": pack.model_name,
+        "fingerprint": pack.base_fingerprint,
+        "logit_scale": pack.logit_scale,
+        "sparsity": pack.sparsity,
+        "masked_weights": sum(int(np.prod(t["shape"])) for t in tensors),
+        "stored_bytes": sum(t["stored_bytes"] for t in tensors),
+        "entropy_bound_bytes": sum(t["entropy_bound_bytes"] for t in tensors),
+        "packbits_bytes": sum(t["packbits_bytes"] for t in tensors),
+        "file_bytes": Path(path).stat().st_size,
+        "tensors": tensors,
+        "metrics": pack.metrics,
+        "hyperparameters": pack.hyperparameters,
+    }
+
+
+def _format(summary: dict[str, Any]) -> str:
+    classes = summary["classes"]
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} total)" if len(classes) > 8 else "")
+    lines = [
+        f"task         {summary['task']}",
+        f"classes      {len(classes)}: {shown}",
+        f"model        {summary['model']}  base {short(summary['fingerprint'])}",
+        f"file         {summary['file_bytes']:,} bytes",
+        f"masks        {summary['masked_weights']:,} weights, {100 * summary['sparsity']:.2f}% zeros",
+        f"mask bytes   stored {summary['stored_bytes']:,} | entropy bound "
+        f"{summary['entropy_bound_bytes']:,.0f} | bit-packed {summary['packbits_bytes']:,}",
+        "",
+        f"{'tensor':<52} {'shape':>12} {'zeros %':>8} {'bytes':>10} {'bound':>10}",
+    ]
+    for t in summary["tensors"]:
+        shape = "x".join(map(str, t["shape"]))
+        lines.append(f"{t['name']:<52} {shape:>12} {100 * t['sparsity']:>8.2f} "
+                     f"{t['stored_bytes']:>10,} {t['entropy_bound_bytes']:>10,.0f}")
+    if summary["metrics"]:
+        lines.append("")
+        lines.append("metrics      " + ", ".join(f"{k}={_short_value(v)}" for k, v in summary["metrics"].items()
+                                                 if not isinstance(v, (dict, list))))
+    return "\n".join(lines)
+
+
+def _short_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Summarise a .rmtask file: task, classes, base, masks, storage, metrics."""
+    summary = summarize(path)
+    click.echo(json.dumps(summary, indent=2) if as_json else _format(summary))

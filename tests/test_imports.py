@@ -1,0 +1,62 @@
+"""The edge footprint: runtime-path modules import with torch, torchvision and open_clip absent."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+RUNTIME_PATH_MODULES = [
+    "rmt_deploy",
+    "rmt_deploy.errors",
+    "rmt_deploy.masks",
+    "rmt_deploy.fingerprint",
+    "rmt_deploy.taskpack",
+    "rmt_deploy.bundle",
+    "rmt_deploy.inspect_task",
+    "rmt_deploy.cli",
+]
+HEAVY = ["torch", "torchvision", "open_clip"]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("module", RUNTIME_PATH_MODULES)
+def test_runtime_module_imports_without_torch(module):
+    result = _run(f"""
+        import sys
+        for name in {HEAVY!r}:
+            sys.modules[name] = None  # makes `import name` raise ImportError
+        import importlib
+        importlib.import_module({module!r})
+    """)
+    assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_package_stays_cheap():
+    result = _run(f"""
+        import sys
+        import rmt_deploy, rmt_deploy.cli
+        heavy = [m for m in {HEAVY + ["onnx", "onnxruntime", "safetensors"]!r} if m in sys.modules]
+        print(",".join(heavy))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_missing_optional_package_names_the_extra():
+    result = _run("""
+        import sys
+        sys.modules["open_clip"] = None
+        from rmt_deploy.errors import MissingDependencyError
+        from rmt_deploy.models import load_base
+        try:
+            load_base("rmt-tiny-vit")
+        except MissingDependencyError as exc:
+            print(exc)
+    """)
+    assert "pip install 'rmt-deploy[train]'" in result.stdout, result.stderr
