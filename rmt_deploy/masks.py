@@ -22,6 +22,7 @@ Blob layout (integers little-endian, varints are unsigned LEB128):
 Rice streams: gap_i = pos_i - pos_{i-1} - 1 (pos_{-1} = -1); q = gap >> k is
 written as q 0-bits then a 1-bit; r = gap & (2**k - 1) as k bits MSB first.
 Both streams are packed MSB first (`np.packbits` order), zero padded.
+The header is 12 + ~10 + ndim..5*ndim bytes: at most 64 bytes beyond packbits for ndim <= 32.
 """
 from __future__ import annotations
 

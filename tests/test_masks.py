@@ -50,8 +50,9 @@ def _refresh_crc(blob: bytes | bytearray) -> bytes:
     return bytes(blob)
 
 
-def _expect_artifact_error(blob) -> None:
-    for fn in (decode_mask, decode_zero_indices, mask_stats):
+def _expect_artifact_error(blob, stats: bool = True) -> None:
+    """Decoding raises ArtifactError; so does mask_stats unless only the payload is bad."""
+    for fn in (decode_mask, decode_zero_indices, *([mask_stats] if stats else [])):
         with pytest.raises(ArtifactError):
             fn(blob)
 
@@ -264,13 +265,9 @@ def _crafted(method: int, shape, zeros: int, k: int = 0, extra: list[int] = (), 
         _crafted(0, (10,), 3),  # const-ones with zeros
         _crafted(1, (10,), 3),  # const-zeros with ones
         _crafted(2, (10,), 0, payload=b"\xff\xff"),  # packbits of a constant mask
-        _crafted(2, (10,), 3, payload=b"\xff\xff"),  # packbits count mismatch
         _crafted(3, (10,), 3, k=60, extra=[1], payload=b"\xff"),  # k out of range
-        _crafted(3, (10,), 3, k=0, extra=[1], payload=b"\x00"),  # no codes in unary stream
-        _crafted(3, (10,), 2, k=0, extra=[1], payload=b"\x01"),  # too few codes
-        _crafted(3, (10,), 1, k=0, extra=[2], payload=b"\x00\x01"),  # gap beyond the mask
-        _crafted(3, (10,), 1, k=2, extra=[1], payload=b"\x20\xc0"),  # remainder beyond the mask
         _crafted(3, (10,), 1, k=0, extra=[2**62], payload=b""),  # huge unary length
+        _crafted(3, (10,), 1, k=0, extra=[1], payload=b"\x01\x00"),  # trailing byte
         _crafted(7, (10,), 1),  # unknown method
         _crafted(0, (1,) * 65, 0),  # too many dims
         b"RMSK\x01\x00\x01\x00" + b"\0" * 4 + b"\xff" * 12,  # unterminated varint (bad CRC too)
@@ -279,3 +276,31 @@ def _crafted(method: int, shape, zeros: int, k: int = 0, extra: list[int] = (), 
 )
 def test_crafted_headers_raise(blob):
     _expect_artifact_error(blob)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        _crafted(2, (10,), 3, payload=b"\xff\xff"),  # packbits count mismatch
+        _crafted(3, (10,), 3, k=0, extra=[1], payload=b"\x00"),  # no codes in unary stream
+        _crafted(3, (10,), 2, k=0, extra=[1], payload=b"\x01"),  # too few codes
+        _crafted(3, (10,), 1, k=0, extra=[2], payload=b"\x00\x01"),  # gap beyond the mask
+        _crafted(3, (10,), 1, k=2, extra=[1], payload=b"\x20\xc0"),  # remainder beyond the mask
+    ],
+)
+def test_crafted_payloads_raise_on_decode(blob):
+    _expect_artifact_error(blob, stats=False)
+    assert mask_stats(blob).size == 10
+
+
+def test_hand_made_rice_blob_decodes():
+    """rice-ones, k=0, one code: unary 00000001 -> gap 7 -> the only True is at index 7."""
+    blob = _crafted(4, (10,), 9, k=0, extra=[1], payload=b"\x01")
+    np.testing.assert_array_equal(decode_mask(blob), np.arange(10) == 7)
+    np.testing.assert_array_equal(decode_zero_indices(blob)[1], [0, 1, 2, 3, 4, 5, 6, 8, 9])
+
+
+@pytest.mark.parametrize("log2_gap", [2, 3, 8, 9, 12, 16, 17, 19])
+def test_rice_parameters_across_byte_widths(log2_gap):
+    """Zero rates 2**-j exercise Rice parameters near j, covering 1-, 2- and 4-byte remainders."""
+    _check_round_trip(_random_mask((1 << 20,), 2.0**-log2_gap, log2_gap))
