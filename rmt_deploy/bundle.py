@@ -56,6 +56,7 @@ class Manifest:
     (output `output_name`), and logits = logit_scale * embedding @ head.T per task.
     `files` maps backend -> {"base": path, "folded": {task: path}, ...}.
     `tensorrt` holds engine metadata (GPU, TensorRT version, refit map) when built.
+    `masked_inputs` / `base_weights` say where the masked tensors' base values live.
     """
 
     model_name: str
@@ -73,6 +74,10 @@ class Manifest:
     precision: str = "fp32"
     tensorrt: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
+    # how base.onnx takes the masked weights: "required" = plain inputs the runtime always feeds,
+    # base values in `base_weights`; "defaults" = inputs with initializer defaults (base values)
+    masked_inputs: str = "required"
+    base_weights: str = ""  # safetensors file: open_clip name -> base value, in the graph input's dtype
     format: str = BUNDLE_FORMAT
     version: int = BUNDLE_VERSION
 

@@ -23,7 +23,7 @@ COMMANDS = {
     "inspect": "rmt_deploy.inspect_task:inspect",
     "predict": "rmt_deploy.runtime.cli:predict",
     "bench": "rmt_deploy.bench.cli:bench",
-    "demo": "rmt_deploy.demo:demo",
+    "demo": "rmt_deploy.demo.cli:demo",
 }
 
 

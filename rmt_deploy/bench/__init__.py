@@ -1,0 +1,1 @@
+"""Latency, switch, memory and size measurements of a bundle (`rmt-deploy bench`)."""

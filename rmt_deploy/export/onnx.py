@@ -1,0 +1,192 @@
+"""ONNX graphs: the shared base (masked weights as named graph inputs) and folded per-task models.
+
+The shared graph is traced once with the dynamo exporter from a wrapper whose
+forward takes the masked weights as extra inputs (torch.func.functional_call),
+so ORT's constant folding can never reach them. A folded model is the same
+graph with those inputs turned into initializers (W * M) and the task's head
+appended, built by graph surgery instead of a second trace.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from rmt_deploy.errors import InternalError, require
+
+IMAGE_INPUT = "image"
+EMBEDDING_OUTPUT = "embedding"
+LOGITS_OUTPUT = "logits"
+BATCH_DIM = "batch"
+# masked inputs: "required" = plain graph inputs, base values in a separate file;
+# "defaults" = graph inputs whose initializers hold the base values (any client can run it unfed)
+REQUIRED = "required"
+DEFAULTS = "defaults"
+MASKED_INPUT_KINDS = (REQUIRED, DEFAULTS)
+# protobuf cannot serialise more than 2 GiB; above this many weight bytes, files use external data
+EXTERNAL_DATA_BYTES = 1 << 30
+_TRACE_BATCH = 2  # a trace with batch 1 would fix the batch dimension at 1
+
+
+def input_name(tensor_name: str) -> str:
+    """The graph input name of a masked tensor: its open_clip name with non-word characters as '_'."""
+    return re.sub(r"\W", "_", tensor_name)
+
+
+def input_names(tensor_names: list[str]) -> dict[str, str]:
+    """open_clip name -> graph input name, checked to be unique and distinct from the image input."""
+    names = {name: input_name(name) for name in tensor_names}
+    taken = list(names.values()) + [IMAGE_INPUT]
+    if len(set(taken)) != len(taken):
+        raise InternalError(f"masked tensor input names collide: {sorted(taken)}")
+    return names
+
+
+def _encoder_module(visual: Any, names: list[str], compute_dtype: Any) -> Any:
+    """A torch module: (image, [masked weights]) -> L2-normalised embedding, weights substituted by name."""
+    torch = require("torch", "train")
+    from torch.func import functional_call
+
+    class SharedEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = visual
+            self.names = list(names)
+
+        def forward(self, image: Any, weights: list) -> Any:
+            params = dict(zip(self.names, weights))
+            features = functional_call(self.visual, params, (image.to(compute_dtype),), strict=False)
+            return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    return SharedEncoder().eval()
+
+
+def export_shared(visual: Any, masked_names: list[str], image_size: list[int], opset: int,
+                  max_batch: int, fp16: bool = False) -> Any:
+    """Trace the image encoder into an onnx_ir Model: inputs image + masked weights, output embedding.
+
+    `masked_names` are open_clip names ("visual.transformer..."); `visual` is the fp32 encoder.
+    With fp16, weights and activations are fp16, LayerNorm and softmax fp32, image and embedding fp32.
+    """
+    torch = require("torch", "train")
+    from rmt_deploy.export import fp16 as fp16_pass
+
+    module_visual = fp16_pass.half_encoder(visual) if fp16 else visual
+    dtype = torch.float16 if fp16 else torch.float32
+    relative = [_relative(name) for name in masked_names]
+    wrapper = _encoder_module(module_visual, relative, dtype)
+    for param in wrapper.parameters():
+        param.requires_grad_(False)
+    weights = [module_visual.get_parameter(name).detach().clone() for name in relative]
+    image = torch.zeros(_TRACE_BATCH, 3, *image_size)
+    batch = torch.export.Dim(BATCH_DIM, min=1, max=max(max_batch, _TRACE_BATCH, 1024))
+    names = [IMAGE_INPUT] + list(input_names(masked_names).values())
+    with warnings.catch_warnings():
+        # the exporter warns that it cannot rename the batch axis; _name_batch_dim does it
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.onnx.export(
+            wrapper, (image, weights), dynamo=True, input_names=names, output_names=[EMBEDDING_OUTPUT],
+            dynamic_shapes=({0: batch}, [None] * len(weights)), opset_version=opset, verbose=False,
+        )
+    model = program.model
+    _name_batch_dim(model)
+    if fp16:
+        fp16_pass.softmax_in_fp32(model)
+    return model
+
+
+def _relative(name: str) -> str:
+    if not name.startswith("visual."):
+        raise InternalError(f"masked tensor {name!r} is not in the image encoder")
+    return name[len("visual."):]
+
+
+def _name_batch_dim(model: Any) -> None:
+    """Rename the exporter's symbol for the image batch (e.g. 's40') to 'batch' everywhere."""
+    ir = require("onnx_ir", "onnx")
+    image = model.graph.inputs[0]
+    symbol = image.shape[0]
+    if not isinstance(symbol, ir.SymbolicDim) or symbol.value is None:
+        raise InternalError(f"the exported image input has a static batch dimension ({image.shape})")
+    old = symbol.value
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    values += [out for node in model.graph for out in node.outputs]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [BATCH_DIM if isinstance(d, ir.SymbolicDim) and d.value == old else d for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+
+def set_defaults(model: Any, base_values: Mapping[str, np.ndarray]) -> None:
+    """Give masked inputs (by graph input name) initializer defaults holding the base values."""
+    ir = require("onnx_ir", "onnx")
+    inputs = {value.name: value for value in model.graph.inputs}
+    for name, array in base_values.items():
+        value = inputs[name]
+        value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        model.graph.register_initializer(value)
+
+
+def fold_task(shared_path: Path, masked_values: Mapping[str, np.ndarray], head: np.ndarray,
+              logit_scale: float) -> Any:
+    """A folded model from the shared graph: masked inputs become initializers W*M, head appended.
+
+    `masked_values` maps graph input name -> masked weight in the input's dtype. Output `logits`
+    float32 [batch, classes] = logit_scale * embedding @ head.T, the runtime's formula.
+    """
+    ir = require("onnx_ir", "onnx")
+    model = ir.load(shared_path)
+    graph = model.graph
+    inputs = {value.name: value for value in graph.inputs}
+    missing = set(masked_values) - set(inputs)
+    if missing:
+        raise InternalError(f"shared graph has no inputs {sorted(missing)}")
+    for name, array in masked_values.items():
+        value = inputs[name]
+        graph.inputs.remove(value)
+        value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        if name not in graph.initializers:
+            graph.register_initializer(value)
+    embedding = graph.outputs[0]
+    head_t = _constant(graph, "task_head_t", np.ascontiguousarray(head.T, dtype=np.float32))
+    scale = _constant(graph, "task_logit_scale", np.asarray(logit_scale, dtype=np.float32))
+    float32 = ir.TensorType(ir.DataType.FLOAT)
+    batch = embedding.shape[0] if embedding.shape is not None else BATCH_DIM
+    cosine = ir.Value(name="task_cosine", type=float32, shape=ir.Shape([batch, head.shape[0]]))
+    logits = ir.Value(name=LOGITS_OUTPUT, type=float32, shape=ir.Shape([batch, head.shape[0]]))
+    graph.append(ir.Node("", "MatMul", [embedding, head_t], outputs=[cosine]))
+    graph.append(ir.Node("", "Mul", [cosine, scale], outputs=[logits]))
+    graph.outputs.clear()
+    graph.outputs.append(logits)
+    return model
+
+
+def _constant(graph: Any, name: str, array: np.ndarray) -> Any:
+    ir = require("onnx_ir", "onnx")
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
+                     type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(array.shape)))
+    graph.register_initializer(value)
+    return value
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes held by a model's initializers."""
+    return sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: Any, path: Path, metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Save an onnx_ir model; weights above EXTERNAL_DATA_BYTES go to '<name>.data'. Returns files written."""
+    ir = require("onnx_ir", "onnx")
+    for key, text in (metadata or {}).items():
+        model.metadata_props[key] = str(text)
+    if weight_bytes(model) > EXTERNAL_DATA_BYTES:
+        data = path.with_name(path.name + ".data")
+        ir.save(model, path, external_data=data.name)
+        return [path, data]
+    ir.save(model, path)
+    return [path]
+

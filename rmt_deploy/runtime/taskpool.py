@@ -1,0 +1,252 @@
+"""TaskPool: a small LRU of dense masked-weight buffers, rewritten in place on a miss.
+
+Each task is held compactly: per masked tensor, the sorted flat indices of its zeroed
+weights and the base values at those indices (a few percent of the weights). No dense
+base copy is kept: a buffer holding task A becomes task B by writing A's saved base
+values back and zeroing B's indices, which touches a few percent of the memory.
+A buffer in use by a caller (leased) is never rewritten, so every run sees exactly one
+task's weights. numpy only.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from rmt_deploy.errors import InputError, InternalError, UnknownTaskError
+
+BASE = "<base>"  # pseudo-task: the unmasked base values
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A masked tensor as a backend stores it: key (graph input, parameter or TensorRT weights
+    name), stored shape and dtype, the open_clip tensor name, and `perm` when the stored
+    layout is the open_clip tensor transposed by that permutation."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    tensor: str
+    perm: tuple[int, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def stored_indices(self, idx: np.ndarray) -> np.ndarray:
+        """Sorted flat indices in the stored layout of flat indices into the open_clip tensor."""
+        if self.perm is None:
+            return idx
+        source_shape = [0] * len(self.shape)
+        for axis, p in enumerate(self.perm):
+            source_shape[p] = self.shape[axis]
+        coords = np.unravel_index(idx, source_shape)
+        moved = np.ravel_multi_index(tuple(coords[p] for p in self.perm), self.shape)
+        moved.sort()
+        return moved
+
+
+@dataclass
+class _TaskWeights:
+    zeros: dict[str, np.ndarray]    # key -> sorted flat indices (int32/int64) of zeroed weights
+    restore: dict[str, np.ndarray]  # key -> base values at those indices
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.zeros.values()) + sum(a.nbytes for a in self.restore.values())
+
+
+@dataclass
+class _Slot:
+    index: int
+    arrays: dict[str, np.ndarray]
+    task: str
+    refs: int = 0
+    generation: int = 0
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A pinned buffer holding one task's dense masked weights; release it after the run."""
+
+    task: str
+    slot: int
+    generation: int  # changes whenever the slot's contents are rewritten
+    arrays: Mapping[str, np.ndarray]
+
+
+@dataclass
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    allocations: int = 0
+    waits: int = 0
+
+
+def index_dtype(size: int) -> np.dtype:
+    return np.dtype(np.int32) if size < 2**31 else np.dtype(np.int64)
+
+
+class TaskPool:
+    """LRU pool of `capacity` dense buffers over compactly stored tasks; thread-safe."""
+
+    def __init__(self, specs: list[TensorSpec], read_base: Callable[[TensorSpec, np.ndarray], None],
+                 capacity: int = 2):
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise InputError(f"cache_tasks={capacity!r} must be an integer >= 1")
+        self.specs = {s.key: s for s in specs}
+        self.capacity = capacity
+        self.stats = PoolStats()
+        self._tasks: dict[str, _TaskWeights] = {BASE: _TaskWeights({}, {})}
+        self._slots: list[_Slot] = []
+        self._clock = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        arrays = {}
+        for spec in specs:  # first buffer: the base values, read straight into place
+            arrays[spec.key] = np.empty(spec.shape, spec.dtype)
+            read_base(spec, arrays[spec.key])
+        self._slots.append(_Slot(0, arrays, BASE))
+
+    def base_arrays(self) -> dict[str, np.ndarray]:
+        """The unmasked base values, while the first buffer still holds them (right after loading)."""
+        with self._cond:
+            slot = next((s for s in self._slots if s.task == BASE), None)
+            if slot is None:
+                raise InternalError("no buffer holds the base values any more")
+            return dict(slot.arrays)
+
+    # ------------------------------------------------------------ tasks
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t in self._tasks if t != BASE]
+
+    def resident(self) -> list[str]:
+        """Tasks currently materialised in a buffer, most recently used first."""
+        with self._cond:
+            return [s.task for s in sorted(self._slots, key=lambda s: -s.last_used) if s.task != BASE]
+
+    def task_nbytes(self, task: str) -> int:
+        return self._tasks[task].nbytes
+
+    def add(self, task: str, zeros: Mapping[str, np.ndarray]) -> None:
+        """Register a task by the sorted flat zero indices of each masked tensor."""
+        if task in self._tasks:
+            raise InputError(f"task {task!r} is already loaded; give the new version another name")
+        if set(zeros) != set(self.specs):
+            raise InputError(f"task {task!r} masks {sorted(zeros)}, the pool holds {sorted(self.specs)}")
+        with self._cond:
+            source = self._slots[0]
+            held = self._tasks[source.task]
+            restore = {}
+            for key, idx in zeros.items():
+                restore[key] = self._base_values(source, held, key, idx)
+            self._tasks[task] = _TaskWeights(dict(zeros), restore)
+
+    @staticmethod
+    def _base_values(slot: _Slot, held: _TaskWeights, key: str, idx: np.ndarray) -> np.ndarray:
+        """Base values at idx, read from a buffer holding task `held` (its zeros come from restore)."""
+        values = slot.arrays[key].reshape(-1)[idx]
+        held_idx = held.zeros.get(key)
+        if held_idx is not None and held_idx.size and idx.size:
+            pos = np.searchsorted(held_idx, idx)
+            np.minimum(pos, held_idx.size - 1, out=pos)
+            hit = held_idx[pos] == idx
+            values[hit] = held.restore[key][pos[hit]]
+        return values
+
+    # ------------------------------------------------------------ leasing
+
+    def acquire(self, task: str) -> Lease:
+        """Pin a buffer holding `task`, rewriting the least recently used free one on a miss."""
+        with self._cond:
+            if self._closed:
+                raise InputError("this engine is closed; load a new one with Engine.load(...)")
+            if task not in self._tasks:
+                raise UnknownTaskError(f"task {task!r} not loaded (available: {', '.join(self.tasks) or 'none'})")
+            while True:
+                slot = next((s for s in self._slots if s.task == task), None)
+                if slot is not None:
+                    self.stats.hits += 1
+                    return self._pin(slot)
+                slot = self._victim()
+                if slot is not None:
+                    self.stats.misses += 1
+                    self._switch(slot, task)
+                    return self._pin(slot)
+                self.stats.waits += 1
+                self._cond.wait()
+
+    def release(self, lease: Lease) -> None:
+        with self._cond:
+            slot = self._slots[lease.slot]
+            if slot.refs <= 0 or slot.generation != lease.generation:
+                raise InternalError(f"release of a lease the pool does not hold: {lease}")
+            slot.refs -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new leases, wait for the ones in use, then drop the buffers."""
+        with self._cond:
+            self._closed = True
+            while any(s.refs for s in self._slots):
+                self._cond.wait()
+            self._slots = []
+
+    def lease(self, task: str) -> "_LeaseContext":
+        return _LeaseContext(self, task)
+
+    def _pin(self, slot: _Slot) -> Lease:
+        self._clock += 1
+        slot.refs += 1
+        slot.last_used = self._clock
+        return Lease(slot.task, slot.index, slot.generation, slot.arrays)
+
+    def _victim(self) -> _Slot | None:
+        free = [s for s in self._slots if s.refs == 0]
+        base = next((s for s in free if s.task == BASE), None)
+        if base is not None:
+            return base
+        if len(self._slots) < self.capacity:
+            return self._allocate()
+        return min(free, key=lambda s: s.last_used) if free else None
+
+    def _allocate(self) -> _Slot:
+        """A new buffer, copied from an existing one (a memcpy, no file read)."""
+        source = max(self._slots, key=lambda s: s.last_used)
+        arrays = {k: a.copy() for k, a in source.arrays.items()}
+        slot = _Slot(len(self._slots), arrays, source.task)
+        self._slots.append(slot)
+        self.stats.allocations += 1
+        return slot
+
+    def _switch(self, slot: _Slot, task: str) -> None:
+        old, new = self._tasks[slot.task], self._tasks[task]
+        for key, array in slot.arrays.items():
+            flat = array.reshape(-1)
+            idx = old.zeros.get(key)
+            if idx is not None:
+                flat[idx] = old.restore[key]
+            idx = new.zeros.get(key)
+            if idx is not None:
+                flat[idx] = 0
+        slot.task = task
+        slot.generation += 1
+
+
+class _LeaseContext:
+    def __init__(self, pool: TaskPool, task: str):
+        self.pool, self.task, self.lease = pool, task, None
+
+    def __enter__(self) -> Lease:
+        self.lease = self.pool.acquire(self.task)
+        return self.lease
+
+    def __exit__(self, *exc) -> None:
+        self.pool.release(self.lease)
+

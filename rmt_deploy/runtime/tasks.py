@@ -1,0 +1,113 @@
+"""Reading a task for serving: its head, and its masks as zero indices (never a dense bool mask).
+
+A .rmtask is checksum-verified and fingerprint-checked like `TaskPack.load`, but each
+mask blob is decoded straight to the sorted flat indices of its zeros
+(`masks.decode_zero_indices`), so a ViT-B/16 task costs a few MB instead of 28 MB of bools.
+numpy only.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
+from rmt_deploy.fingerprint import short
+from rmt_deploy.masks import decode_zero_indices
+from rmt_deploy.taskpack import (FORMAT_TAG, FORMAT_VERSION, HEAD_KEY, MASK_PREFIX, TaskPack,
+                                 _read_container, check_task_name)
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """What a task adds on top of the shared embedding: class names, head, logit scale."""
+
+    name: str
+    class_names: tuple[str, ...]
+    head: np.ndarray  # float32 [C, D], L2-normalised rows
+    logit_scale: float
+
+    def logits(self, embeddings: np.ndarray) -> np.ndarray:
+        out = embeddings.astype(np.float32, copy=False) @ self.head.T
+        out *= np.float32(self.logit_scale)
+        return out
+
+
+@dataclass(frozen=True)
+class ServingTask:
+    head: TaskHead
+    zeros: dict[str, np.ndarray]  # open_clip tensor name -> sorted flat int64 zero indices
+
+
+def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,
+              shapes: Mapping[str, tuple[int, ...]], embed_dim: int) -> ServingTask:
+    """Load a task from a .rmtask path (or an in-memory TaskPack) for a base with these tensors."""
+    if isinstance(source, TaskPack):
+        source.check_base(fingerprint)
+        zeros = {n: np.flatnonzero(~m).astype(np.int64) for n, m in source.masks.items()}
+        mask_shapes = {n: tuple(m.shape) for n, m in source.masks.items()}
+        head = TaskHead(source.name, tuple(source.class_names), source.head, float(source.logit_scale))
+        where = f"task pack {source.name!r}"
+    else:
+        path = Path(source)
+        head, zeros, mask_shapes = _read_file(path, fingerprint)
+        where = str(path)
+    _check_layout(where, head, mask_shapes, shapes, embed_dim)
+    return ServingTask(head, zeros)
+
+
+def _read_file(path: Path, fingerprint: str) -> tuple[TaskHead, dict[str, np.ndarray], dict[str, tuple]]:
+    try:
+        meta, tensors = _read_container(path)
+    except RmtError as exc:
+        raise ArtifactError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+    if meta.get("format") != FORMAT_TAG or meta.get("version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: task format {meta.get('format')!r} v{meta.get('version')!r} is not "
+            f"{FORMAT_TAG!r} v{FORMAT_VERSION}; re-save the task with this rmt-deploy"
+        )
+    try:
+        base = str(meta["base_fingerprint"])
+        if base != fingerprint:
+            raise IncompatibleBaseError(
+                f"task '{meta.get('name')}' ({path}) was trained on base {short(base)} "
+                f"({meta.get('model_name')}), not on this bundle's base {short(fingerprint)}: "
+                "retrain the task on this base or load the bundle it was trained on"
+            )
+        name = check_task_name(str(meta["name"]))
+        head = np.ascontiguousarray(tensors[HEAD_KEY], dtype=np.float32)
+        zeros, mask_shapes = {}, {}
+        for entry in meta["masked_tensors"]:
+            shape, idx = decode_zero_indices(tensors[MASK_PREFIX + entry["name"]].tobytes())
+            if list(shape) != list(entry["shape"]):
+                raise ArtifactError(f"{path}: mask {entry['name']!r} has shape {list(shape)}, "
+                                    f"header says {entry['shape']}")
+            zeros[entry["name"]], mask_shapes[entry["name"]] = idx, tuple(shape)
+        return TaskHead(name, tuple(str(c) for c in meta["class_names"]), head,
+                        float(meta["logit_scale"])), zeros, mask_shapes
+    except RmtError as exc:
+        if isinstance(exc, IncompatibleBaseError) or str(path) in str(exc):
+            raise
+        raise ArtifactError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_layout(where: str, head: TaskHead, mask_shapes: Mapping[str, tuple[int, ...]],
+                  shapes: Mapping[str, tuple[int, ...]], embed_dim: int) -> None:
+    if set(mask_shapes) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(mask_shapes)), sorted(set(mask_shapes) - set(shapes))
+        raise IncompatibleBaseError(
+            f"{where} masks other tensors than this bundle (missing: {missing[:3]}, extra: {extra[:3]}); "
+            "retrain the task on this base"
+        )
+    if head.head.ndim != 2 or head.head.shape != (len(head.class_names), embed_dim):
+        raise ArtifactError(f"{where}: head shape {head.head.shape} is not "
+                            f"[{len(head.class_names)} classes, {embed_dim}]")
+    for name, shape in mask_shapes.items():
+        if tuple(shape) != tuple(shapes[name]):
+            raise IncompatibleBaseError(f"{where}: mask {name!r} has shape {list(shape)}, this bundle's "
+                                        f"tensor is {list(shapes[name])}; retrain the task on this base")

@@ -1,0 +1,96 @@
+"""`rmt-deploy train` and `rmt-deploy eval`: click commands over the trainer and TaskPack evaluation.
+
+torch is imported only when a command runs, so listing commands stays cheap.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+from rmt_deploy.errors import InputError
+
+_DEFAULTS = dict(shots=16, seed=1, epochs=30, batch_size=32, lr=8e-5, adam_beta1=0.9, adam_beta2=0.999,
+                 weight_decay=0.0, score_l2=1e-4, score_init=1e-2, threshold=5e-3, gdr_lambda=1.0,
+                 temperature=1.0)
+
+
+def _groups(value: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in value.split(",") if g.strip())
+    if not groups:
+        raise InputError(f"--mask-groups {value!r} names no group: e.g. attn or attn,mlp")
+    return groups
+
+
+@click.command("train")
+@click.option("--model", required=True, help="open_clip model name, e.g. ViT-B-16 or rmt-tiny-vit.")
+@click.option("--pretrained", default=None, metavar="TAG|PATH",
+              help="open_clip pretrained tag or local checkpoint file (omit: random weights).")
+@click.option("--dataset", required=True, help="dtd, eurosat, ..., imagenet, or imagefolder.")
+@click.option("--data-root", required=True, type=click.Path(), help="Folder holding the dataset (CoOp layout).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder for <task>.rmtask, metrics.json, checkpoints.")
+@click.option("--task", default=None, help="Task name (default: the dataset name).")
+@click.option("--shots", default=_DEFAULTS["shots"], show_default=True, help="Images per class; 0 = all.")
+@click.option("--seed", default=_DEFAULTS["seed"], show_default=True, help="Few-shot sample and training seed.")
+@click.option("--epochs", default=_DEFAULTS["epochs"], show_default=True)
+@click.option("--batch-size", default=_DEFAULTS["batch_size"], show_default=True, help="Global batch size.")
+@click.option("--lr", default=_DEFAULTS["lr"], show_default=True, help="Adam learning rate (cosine per epoch).")
+@click.option("--adam-beta1", default=_DEFAULTS["adam_beta1"], show_default=True)
+@click.option("--adam-beta2", default=_DEFAULTS["adam_beta2"], show_default=True)
+@click.option("--weight-decay", default=_DEFAULTS["weight_decay"], show_default=True)
+@click.option("--score-l2", default=_DEFAULTS["score_l2"], show_default=True, help="Weight of sum ||S||_2.")
+@click.option("--score-init", default=_DEFAULTS["score_init"], show_default=True)
+@click.option("--threshold", default=_DEFAULTS["threshold"], show_default=True, help="Mask = 1[S > threshold].")
+@click.option("--gdr-lambda", default=_DEFAULTS["gdr_lambda"], show_default=True,
+              help="Gradient dropout strength; < 1 leaks dropped gradients.")
+@click.option("--no-gdr", is_flag=True, help="Plain mask tuning: no teacher, no gradient dropout.")
+@click.option("--temperature", default=_DEFAULTS["temperature"], show_default=True, help="Teacher temperature.")
+@click.option("--mask-groups", default="attn", show_default=True, help="Comma-separated: attn, mlp, conv1.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--no-amp", is_flag=True, help="Train in fp32 on CUDA (default: bf16 autocast).")
+@click.option("--workers", default=4, show_default=True, help="DataLoader worker processes.")
+@click.option("--eval-batch-size", default=64, show_default=True)
+@click.option("--keep-checkpoints", default=1, show_default=True, help="Newest epoch checkpoints to keep.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train(**options) -> None:
+    """Train a task's masks with Regularized Mask Tuning (R-AMT); writes OUT/<task>.rmtask."""
+    from rmt_deploy.training.trainer import TrainConfig, train_task
+
+    options["gdr"] = not options.pop("no_gdr")
+    options["amp"] = not options.pop("no_amp")
+    options["progress"] = not options.pop("no_progress")
+    options["mask_groups"] = _groups(options["mask_groups"])
+    result = train_task(TrainConfig(**options))
+    m = result.metrics
+    if m:  # rank 0
+        click.echo(f"task {m['task']}: test accuracy {100 * m['test_accuracy']:.2f}% "
+                   f"(zero-shot {100 * m['zero_shot_test_accuracy']:.2f}%), "
+                   f"sparsity {100 * m['sparsity']:.2f}%, {m['epochs']} epochs, {m['images_per_s']:.1f} images/s")
+        click.echo(f"wrote {result.taskpack} and {result.metrics_path}")
+
+
+@click.command("eval")
+@click.option("--task", "task_path", required=True, type=click.Path(), help="A <task>.rmtask file.")
+@click.option("--dataset", required=True)
+@click.option("--data-root", required=True, type=click.Path())
+@click.option("--pretrained", default=None, metavar="TAG|PATH", help="The base the task was trained on.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--shots", default=0, show_default=True, help="Few-shot sample of train/val (0 = full split).")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(task_path, dataset, data_root, pretrained, split, shots, seed, batch_size, device, workers,
+             as_json) -> None:
+    """Report a TaskPack's top-1 accuracy on a dataset split."""
+    from rmt_deploy.training.evaluation import evaluate_taskpack
+
+    result = evaluate_taskpack(task_path, dataset, data_root, pretrained, split, batch_size, device, workers,
+                               shots, seed)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        click.echo(f"task {result.task} on {result.dataset} {result.split}: accuracy "
+                   f"{100 * result.accuracy:.2f}% ({result.correct}/{result.total})")

@@ -1,0 +1,324 @@
+"""Few-shot image classification data: the 11 CoOp datasets and any folder of class folders.
+
+CoOp layout and templates follow reference/RMT.md. Few-shot sampling follows
+CoOp: with one `random.Random(seed)`, K images per class from train, then
+min(K, 4) per class from val (all of a class when it has fewer), classes in
+order of first appearance; the test split is used in full.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from rmt_deploy.errors import InputError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGEFOLDER = "imagefolder"
+IMAGEFOLDER_TEMPLATE = "a photo of a {}."
+SPLIT_SEED = 0  # the seeded train/val/test split of an imagefolder is fixed; --seed picks the shots
+SPLIT_FRACTIONS = (0.5, 0.2)  # train, val; the rest is test (as Dassl's read_and_split_data)
+
+
+@dataclass(frozen=True)
+class CoopDataset:
+    """Where a CoOp dataset lives under the data root and how its prompts read."""
+
+    key: str
+    coop_name: str
+    folder: str
+    image_dir: str
+    split_file: str
+    template: str
+
+
+COOP_DATASETS = {
+    d.key: d
+    for d in [
+        CoopDataset("imagenet", "ImageNet", "imagenet", "images", "classnames.txt", "a photo of a {}."),
+        CoopDataset("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories",
+                    "split_zhou_Caltech101.json", "a photo of a {}."),
+        CoopDataset("oxford_pets", "OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                    "a photo of a {}, a type of pet."),
+        CoopDataset("stanford_cars", "StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json",
+                    "a photo of a {}."),
+        CoopDataset("oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                    "a photo of a {}, a type of flower."),
+        CoopDataset("food101", "Food101", "food-101", "images", "split_zhou_Food101.json",
+                    "a photo of {}, a type of food."),
+        CoopDataset("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "variants.txt",
+                    "a photo of a {}, a type of aircraft."),
+        CoopDataset("sun397", "SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
+        CoopDataset("dtd", "DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json",
+                    "{} texture."),
+        CoopDataset("eurosat", "EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json",
+                    "a centered satellite photo of {}."),
+        CoopDataset("ucf101", "UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
+                    "a photo of a person doing {}."),
+    ]
+}
+DATASET_NAMES = (*COOP_DATASETS, IMAGEFOLDER)
+_ALIASES = {d.coop_name.lower(): d.key for d in COOP_DATASETS.values()} | {
+    d.folder.lower(): d.key for d in COOP_DATASETS.values()
+} | {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars", "aircraft": "fgvc_aircraft"}
+# EuroSAT folder names, as CoOp renames them, in case a split file carries the raw ones
+_EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "SeaLake": "Sea or Lake",
+}
+
+Sample = tuple[Path, int]
+
+
+@dataclass
+class FewShotData:
+    """One dataset's class names, prompt template and its three splits."""
+
+    name: str
+    class_names: list[str]
+    template: str
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+    def split(self, split: str) -> list[Sample]:
+        """The samples of 'train', 'val' or 'test'."""
+        if split not in ("train", "val", "test"):
+            raise InputError(f"split {split!r} is not one of train, val, test")
+        return getattr(self, split)
+
+
+def clean_class_name(name: str) -> str:
+    """CoOp clean-up: lower case, '_' as a space."""
+    return _EUROSAT_NAMES.get(name, name).replace("_", " ").lower().strip()
+
+
+def resolve_dataset(name: str) -> str:
+    """A dataset key from a key, a CoOp class name or a folder name (case-insensitive)."""
+    key = name.strip().lower()
+    if key in DATASET_NAMES:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise InputError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+
+
+def build_dataset(name: str, root: str | Path, shots: int, seed: int) -> FewShotData:
+    """Read a dataset under `root` and sample its few-shot train/val splits (shots <= 0: all)."""
+    key = resolve_dataset(name)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"data root {str(root)!r} does not exist or is not a folder: pass --data-root DIR")
+    if key == IMAGEFOLDER:
+        data = _read_imagefolder(root)
+    else:
+        spec = COOP_DATASETS[key]
+        folder = root / spec.folder
+        if not folder.is_dir():
+            raise InputError(
+                f"dataset folder {str(folder)!r} not found: {key} expects {spec.folder}/{spec.image_dir or '.'} "
+                f"and {spec.folder}/{spec.split_file} under the data root (CoOp layout)"
+            )
+        reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_aircraft}.get(key, _read_split_json)
+        data = reader(spec, folder)
+    train, val = sample_few_shot(data.train, data.val, shots, seed, data)
+    data.train, data.val = train, val
+    _check_files(data)
+    return data
+
+
+def sample_few_shot(
+    train: list[Sample], val: list[Sample], shots: int, seed: int, data: FewShotData | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """K per class from train, then min(K, 4) per class from val, one seeded RNG (CoOp)."""
+    if shots <= 0:
+        return list(train), list(val)
+    rng = random.Random(seed)
+    out = []
+    for split, k, strict in ((train, shots, True), (val, min(shots, 4), False)):
+        chosen = []
+        for label, items in _by_label(split).items():
+            if len(items) < k and strict:
+                cls = data.class_names[label] if data else label
+                raise InputError(
+                    f"class {cls!r} has {len(items)} training image(s), fewer than --shots {shots}: "
+                    "lower --shots or add images"
+                )
+            chosen.extend(rng.sample(items, k) if len(items) >= k else items)
+        out.append(chosen)
+    return out[0], out[1]
+
+
+def _by_label(samples: Sequence[Sample]) -> dict[int, list[Sample]]:
+    groups: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[sample[1]].append(sample)
+    return groups
+
+
+def _check_files(data: FewShotData) -> None:
+    used = data.train + data.val + data.test
+    missing = [str(p) for p, _ in used if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"{len(missing)} image(s) listed in the {data.name} split are missing, e.g. {missing[0]!r}: "
+            "check --data-root and that the dataset is fully extracted"
+        )
+    if not data.test:
+        raise InputError(f"dataset {data.name} has no test images")
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"split file {str(path)!r} not found: download it with the dataset (CoOp layout)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"split file {str(path)!r} is not valid JSON ({exc})") from None
+
+
+def _read_split_json(spec: CoopDataset, folder: Path) -> FewShotData:
+    """A split_zhou_*.json: {"train"|"val"|"test": [[relative_path, label, classname], ...]}."""
+    path = folder / spec.split_file
+    split = _load_json(path)
+    image_dir = folder / spec.image_dir if spec.image_dir else folder
+    names: dict[int, str] = {}
+    parts = {}
+    for part in ("train", "val", "test"):
+        entries = split.get(part) if isinstance(split, dict) else None
+        if not isinstance(entries, list):
+            raise InputError(f"split file {str(path)!r} has no {part!r} list: expected CoOp's split format")
+        samples = []
+        for entry in entries:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[1], int)):
+                raise InputError(
+                    f"split file {str(path)!r}: entry {entry!r} in {part!r} is not [relative_path, label, classname]"
+                )
+            rel, label, cname = entry
+            names.setdefault(label, clean_class_name(str(cname)))
+            samples.append((image_dir / str(rel), label))
+        parts[part] = samples
+    class_names = _contiguous(names, path)
+    return FewShotData(spec.key, class_names, spec.template, parts["train"], parts["val"], parts["test"])
+
+
+def _contiguous(names: dict[int, str], source: Path) -> list[str]:
+    if sorted(names) != list(range(len(names))):
+        raise InputError(f"{str(source)!r}: labels are not 0..{len(names) - 1}; the split file is damaged")
+    return [names[i] for i in range(len(names))]
+
+
+def _read_aircraft(spec: CoopDataset, folder: Path) -> FewShotData:
+    """FGVC-Aircraft's own lists: variants.txt and images_variant_{train,val,test}.txt."""
+    variants_file = folder / spec.split_file
+    if not variants_file.is_file():
+        raise InputError(f"split file {str(variants_file)!r} not found: download FGVC-Aircraft's data folder")
+    variants = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    index = {v: i for i, v in enumerate(variants)}
+    parts = {}
+    for part in ("train", "val", "test"):
+        path = folder / f"images_variant_{part}.txt"
+        if not path.is_file():
+            raise InputError(f"split file {str(path)!r} not found: download FGVC-Aircraft's data folder")
+        samples = []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            image, _, variant = line.strip().partition(" ")
+            if variant not in index:
+                raise InputError(f"{str(path)!r}: variant {variant!r} is not in variants.txt")
+            samples.append((folder / spec.image_dir / f"{image}.jpg", index[variant]))
+        parts[part] = samples
+    names = [clean_class_name(v) for v in variants]
+    return FewShotData(spec.key, names, spec.template, parts["train"], parts["val"], parts["test"])
+
+
+def _read_imagenet(spec: CoopDataset, folder: Path) -> FewShotData:
+    """imagenet/images/{train,val}/<wnid>/ + classnames.txt ('<wnid> <name>'); val is the test split."""
+    names_file = folder / spec.split_file
+    if not names_file.is_file():
+        raise InputError(f"class name file {str(names_file)!r} not found: ImageNet needs CoOp's classnames.txt")
+    wnid_names = {}
+    for line in names_file.read_text().splitlines():
+        wnid, _, cname = line.strip().partition(" ")
+        if wnid:
+            wnid_names[wnid] = cname.strip()
+    parts, wnids = {}, None
+    for part, sub in (("train", "train"), ("test", "val")):
+        split_dir = folder / spec.image_dir / sub
+        if not split_dir.is_dir():
+            raise InputError(f"ImageNet folder {str(split_dir)!r} not found (expected images/train and images/val)")
+        found = [p.name for p in _class_folders(split_dir)]
+        wnids = wnids or found
+        unknown = [w for w in found if w not in wnid_names or w not in wnids]
+        if unknown:
+            raise InputError(f"ImageNet class folder {str(split_dir / unknown[0])!r} is not a class of "
+                             f"{str(names_file)!r} and images/train")
+        label = {w: i for i, w in enumerate(wnids)}
+        parts[part] = [(img, label[w]) for w in found for img in _images(split_dir / w)]
+    class_names = [clean_class_name(wnid_names[w]) for w in wnids]
+    return FewShotData(spec.key, class_names, spec.template, parts["train"], list(parts["test"]), parts["test"])
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_imagefolder(root: Path) -> FewShotData:
+    """Class folders under root, or train/ [val/] test/ folders of class folders."""
+    name = task_name_from(root.name)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes = [p.name for p in _class_folders(root / "train")]
+        parts = {}
+        for part in ("train", "val", "test"):
+            split_dir = root / part
+            if not split_dir.is_dir():
+                parts[part] = []
+                continue
+            extra = sorted({p.name for p in _class_folders(split_dir)} - set(classes))
+            if extra:
+                raise InputError(f"class folder {str(split_dir / extra[0])!r} has no counterpart in train/")
+            parts[part] = [
+                (img, label) for label, c in enumerate(classes) if (split_dir / c).is_dir()
+                for img in _images(split_dir / c)
+            ]
+        train, val, test = parts["train"], parts["val"], parts["test"]
+    else:
+        classes = [p.name for p in _class_folders(root)]
+        if len(classes) < 2:
+            raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
+        train, val, test = [], [], []
+        rng = random.Random(SPLIT_SEED)
+        for label, c in enumerate(classes):
+            images = _images(root / c)
+            if len(images) < 2:
+                raise InputError(
+                    f"class folder {str(root / c)!r} has {len(images)} image(s): a seeded split needs at least 2 "
+                    "(or provide train/ and test/ folders)"
+                )
+            n_train, n_val = (round(len(images) * f) for f in SPLIT_FRACTIONS)
+            n_val = max(0, min(n_val, len(images) - n_train - 1))
+            n_train = max(1, min(n_train, len(images) - n_val - 1))
+            rng.shuffle(images)
+            train += [(p, label) for p in images[:n_train]]
+            val += [(p, label) for p in images[n_train:n_train + n_val]]
+            test += [(p, label) for p in images[n_train + n_val:]]
+    if len(classes) < 2:
+        raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
+    names = [clean_class_name(c) for c in classes]
+    return FewShotData(name, names, IMAGEFOLDER_TEMPLATE, train, val, test)
+
+
+def task_name_from(text: str) -> str:
+    """A valid task name from a dataset or folder name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-._") or "task"
+    return name[:128]

@@ -1,0 +1,80 @@
+"""`rmt-deploy bench`: JSON valid against its schema, a real PNG, bad input as one line."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("onnxruntime")
+
+from rmt_deploy.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle(make_taskpack, tiny_checkpoint, tmp_path_factory):
+    from rmt_deploy.export import ExportConfig, export_bundle
+
+    folder = tmp_path_factory.mktemp("bench")
+    paths = [make_taskpack(name, seed=i, zeros=0.05).save(folder / f"{name}.rmtask")
+             for i, name in enumerate(["dtd", "eurosat"])]
+    config = ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), paths, folder / "bundle", mode="both")
+    export_bundle(config, progress=False)
+    return folder / "bundle"
+
+
+def _schema():
+    return json.loads(resources.files("rmt_deploy.bench").joinpath("schema.json").read_text())
+
+
+def test_bench_writes_schema_valid_json_and_png(bundle, tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    main(["bench", "--bundle", str(bundle), "--batch-sizes", "1,2", "--repeats", "3",
+          "--json", str(out_json), "--plot", str(out_png)])
+    table = capsys.readouterr().out
+    results = json.loads(out_json.read_text())
+    jsonschema.validate(results, _schema())
+    variants = {(r["variant"], r["batch"]) for r in results["latency"]}
+    expected = {(v, b) for b in (1, 2) for v in ("shared:dtd", "shared:eurosat", "folded:dtd", "folded:eurosat", "base")}
+    assert variants == expected
+    assert {"cached_ms", "uncached_ms", "naive_ms"} <= set(results["switch"])
+    assert results["memory"]["shared_cache1_mb"] > 0 and results["memory"]["folded_one_session_mb"] > 0
+    assert results["disk"]["tasks"]["dtd"]["folded_bytes"] > results["disk"]["tasks"]["dtd"]["rmtask_bytes"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 5000
+    assert "shared:dtd" in table and "switch (p50 ms)" in table
+
+
+def test_schema_rejects_a_result_without_latency(bundle, tmp_path):
+    out_json = tmp_path / "bench.json"
+    main(["bench", "--bundle", str(bundle), "--batch-sizes", "1", "--repeats", "1", "--no-memory",
+          "--json", str(out_json)])
+    results = json.loads(out_json.read_text())
+    jsonschema.validate(results, _schema())
+    del results["latency"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(results, _schema())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-sizes", "1,x"], "--batch-sizes '1,x'"),
+        (["--batch-sizes", "0"], "positive integers"),
+        (["--tasks", "dtdd"], "task 'dtdd' not in bundle"),
+        (["--repeats", "0"], "repeats 0"),
+        (["--json", "/nonexistent-folder/x.json"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(bundle, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--bundle", str(bundle), "--no-memory", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert message in err and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_missing_bundle_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--bundle", str(tmp_path / "nope")])
+    assert exit_info.value.code == 1 and "no such bundle directory" in capsys.readouterr().err

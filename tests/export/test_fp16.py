@@ -1,0 +1,69 @@
+"""FP16 export: fp16 weights and activations, LayerNorm and softmax in fp32, close to fp32 torch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+TINY_MODEL = "rmt-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tiny_checkpoint, task_files, tmp_path_factory):
+    from rmt_deploy.export import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("fp16") / "bundle"
+    report = export_bundle(ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_files, out, mode="both",
+                                        fp16=True), progress=False)
+    return out, report
+
+
+def test_fp16_report_gives_error_and_top1_agreement_within_tolerance(fp16_bundle):
+    from rmt_deploy.export.verify import FP16_TOLERANCE
+
+    _, report = fp16_bundle
+    assert report.precision == "fp16" and report.verified
+    assert {(c.task, c.kind) for c in report.checks} == {(t, k) for t in ("alpha", "beta")
+                                                        for k in ("shared", "folded")}
+    for check in report.checks:
+        assert 0 < check.rel_l2 <= FP16_TOLERANCE  # not zero: it really is fp16
+        assert check.top1 == 1.0
+    assert "top-1" in report.table()
+
+
+def test_fp16_folded_logits_match_fp32_torch(refs, fp16_bundle, task_files, tiny_base):
+    from rmt_deploy.taskpack import TaskPack
+
+    out, _ = fp16_bundle
+    images = np.random.default_rng(3).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    for path in task_files:
+        pack = TaskPack.load(path)
+        logits = refs.ort_session(out / "folded" / f"{pack.name}.onnx").run(["logits"], {"image": images})[0]
+        reference = refs.masked_torch_logits(tiny_base.model.visual, pack, images)
+        assert logits.dtype == np.float32
+        assert refs.rel_l2(logits, reference) <= 2e-2
+        assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.75
+
+
+def test_fp16_graph_keeps_layernorm_and_softmax_in_fp32(fp16_bundle):
+    out, _ = fp16_bundle
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "base.onnx")), strict_mode=True)
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    norms = [n for n in graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert len(norms) >= 4
+    for node in norms:
+        assert all(types[name] == float32 for name in node.input if name), node.name
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert any(types[n.input[0]] == float16 for n in matmuls), "activations should be fp16"
+    inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert inputs.pop("image") == float32 and set(inputs.values()) == {float16}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
+    assert {t["dtype"] for t in manifest["masked_tensors"]} == {"float16"}

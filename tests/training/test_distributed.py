@@ -1,0 +1,66 @@
+"""Scale-out: `rmt-deploy train` under torchrun with 2 CPU processes (gloo) equals a 1-process run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rmt_deploy.taskpack import TaskPack  # noqa: E402
+
+from .conftest import train_args  # noqa: E402
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_one_process(trained, tiny_checkpoint, coop_root, tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch was built without the gloo backend")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rmt_deploy.cli", *train_args(tiny_checkpoint, coop_root, tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test_images"] == 12
+    state = torch.load(tmp_path / "checkpoints" / "epoch_0003.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # each rank's RNG states
+
+    # same global batches and augmentations as the 1-process `trained` run: the same masks
+    single = torch.load(trained / "checkpoints" / "epoch_0003.pt", weights_only=True)["scores"]
+    assert torch.allclose(state["scores"], single, atol=2e-4)
+    two, one = TaskPack.load(tmp_path / "dtd.rmtask"), TaskPack.load(trained / "dtd.rmtask")
+    differ = sum(int((two.masks[n] != one.masks[n]).sum()) for n in one.masks)
+    total = sum(m.size for m in one.masks.values())
+    assert 0.0 < one.sparsity and differ <= total * 1e-3
+
+
+def test_single_process_needs_no_process_group(trained):
+    assert not torch.distributed.is_initialized()
+    assert json.loads((trained / "metrics.json").read_text())["world_size"] == 1
+
+
+def test_scores_out_of_sync_across_ranks_are_detected():
+    torch.multiprocessing.start_processes(_check_sync_worker, nprocs=2, join=True, start_method="fork")
+
+
+def _check_sync_worker(rank: int) -> None:
+    from rmt_deploy.errors import InternalError
+    from rmt_deploy.training.distributed import DistContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getppid() % 1000))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, world_size=2)
+        grad_mean = ctx.average(torch.tensor([float(rank), 2.0 * rank]), torch.tensor([4.0 * rank]))
+        assert [t.tolist() for t in grad_mean] == [[0.5, 1.0], [2.0]]
+        ctx.check_in_sync(torch.ones(5))
+        with pytest.raises(InternalError, match="diverged"):
+            ctx.check_in_sync(torch.full((5,), float(rank)))
+        assert ctx.sum_counts(3, rank) == [6, 1]
+    finally:
+        torch.distributed.destroy_process_group()
