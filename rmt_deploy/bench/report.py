@@ -48,6 +48,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     matplotlib = require("matplotlib", "demo")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (makes matplotlib.ticker available)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     variants: dict[str, list[tuple[int, float]]] = {}
@@ -59,6 +60,9 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
         left.plot([b for b, _ in points], [ms for _, ms in points], style, marker="o", label=variant)
     left.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency p50 (ms)",
              title=f"{results['bundle']['model']} on {results['backend']}")
+    sizes = sorted({row["batch"] for row in results["latency"]})
+    left.set_xticks(sizes, [str(b) for b in sizes])
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.legend(fontsize=8)
     names = [("cached_ms", "cached"), ("uncached_ms", "uncached"), ("naive_ms", "naive\n(new session)")]
     shown = [(label, results["switch"][key]["p50"]) for key, label in names if key in results["switch"]]

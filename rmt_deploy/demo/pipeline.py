@@ -65,7 +65,7 @@ def _export(config: DemoConfig, checkpoint: Path, packs: list[Path], out: Path) 
 
     report = export_bundle(ExportConfig(config.model, str(checkpoint), packs, out, mode="both"), progress=False)
     return {"files": report.files, "seconds": report.seconds,
-            "checks": [asdict(c) for c in report.checks]}
+            "checks": [{**asdict(c), "passed": c.ok} for c in report.checks]}
 
 
 def _serve(bundle: Path, tasks: list[DemoTask]) -> dict[str, Any]:

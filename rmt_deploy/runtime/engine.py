@@ -62,7 +62,8 @@ def _verify_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str, np.n
     found = fingerprint_arrays(bundle.manifest.model_name, {s.tensor: arrays[s.key] for s in specs})
     if found != bundle.manifest.fingerprint:
         raise ArtifactError(
-            f"{bundle.root}: the base weights give fingerprint {short(found)}, the manifest says "
+            f"{bundle.root}: the base weights ({bundle.manifest.base_weights or 'base values'}) give fingerprint "
+            f"{short(found)}, the manifest says "
             f"{short(bundle.manifest.fingerprint)}: a bundle file is damaged or altered; re-export the bundle"
         )
 
@@ -170,7 +171,17 @@ class Engine:
         """Make `task` current and its weights resident (a rebind if cached, an in-place rewrite if not)."""
         self._check_open()
         self._head(task)
-        self._pool.release(self._pool.acquire(task))
+        lease = self._pool.acquire(task)
+        try:
+            prepare = getattr(self._backend, "prepare", None)
+            if prepare is not None:  # device copy or refit now, not on the next predict
+                if self._backend.concurrent:
+                    prepare(lease)
+                else:
+                    with self._run_lock:
+                        prepare(lease)
+        finally:
+            self._pool.release(lease)
         self._task = task
 
     # ------------------------------------------------------------ inference

@@ -68,8 +68,9 @@ class MaskedCLIP(nn.Module):
     """An open_clip model's image tower plus a fixed class head, with trainable mask scores.
 
     The scores of all masked tensors live in one flat float32 parameter
-    (`flat_scores`), so gradients, all-reduce, gradient dropout and Adam each
-    run once per step; `scores[name]` are views of it.
+    (`flat_scores`), so all-reduce, gradient dropout and Adam each run once per
+    step over one tensor; `scores[name]` are views of it (take gradients per
+    view with `flat_grad`).
     """
 
     def __init__(
@@ -111,25 +112,41 @@ class MaskedCLIP(nn.Module):
             offset += size
         return views
 
-    def masked_weights(self) -> dict[str, torch.Tensor]:
+    def masked_weights(self, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """W * M for every masked tensor, keyed by the image tower's own parameter names."""
         params = dict(self.visual.named_parameters())
+        scores = self.scores if scores is None else scores
         return {
             self._local[n]: masked_weight(params[self._local[n]], s, self.threshold)
-            for n, s in self.scores.items()
+            for n, s in scores.items()
         }
 
-    def image_features(self, images: torch.Tensor, masked: bool = True) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor, masked: bool = True,
+                       scores: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """L2-normalised float32 image embeddings, with the masks on (student) or off (teacher)."""
         if masked:
-            features = torch.func.functional_call(self.visual, self.masked_weights(), (images,))
+            features = torch.func.functional_call(self.visual, self.masked_weights(scores), (images,))
         else:
             features = self.visual(images)
         return F.normalize(features.float(), dim=-1)
 
-    def forward(self, images: torch.Tensor, masked: bool = True) -> torch.Tensor:
-        """Class logits: logit_scale * normalize(f_img) @ head^T."""
-        return self.logit_scale * self.image_features(images, masked) @ self.head.t()
+    def forward(self, images: torch.Tensor, masked: bool = True,
+                scores: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Class logits: logit_scale * normalize(f_img) @ head^T.
+
+        `scores` (views from `self.scores`) lets a caller take gradients with
+        respect to the views themselves: much cheaper than accumulating many
+        slices into the flat parameter.
+        """
+        return self.logit_scale * self.image_features(images, masked, scores) @ self.head.t()
+
+    def flat_grad(self, loss: torch.Tensor, scores: Mapping[str, torch.Tensor],
+                  retain_graph: bool = False) -> torch.Tensor:
+        """d loss / d flat_scores, through the score views the forward used."""
+        grads = torch.autograd.grad(loss, list(scores.values()), retain_graph=retain_graph, allow_unused=True)
+        return torch.cat([
+            (g if g is not None else torch.zeros_like(s)).reshape(-1) for g, s in zip(grads, scores.values())
+        ])
 
     @torch.no_grad()
     def binary_masks(self) -> dict[str, torch.Tensor]:

@@ -24,11 +24,18 @@ def gradient_dropout(
     """
     if g_ce.shape != g_kl.shape:
         raise ValueError(f"g_ce shape {tuple(g_ce.shape)} != g_kl shape {tuple(g_kl.shape)}")
-    agreement = (g_ce + g_kl) / (g_ce.abs() + g_kl.abs() + _EPS)
-    keep_prob = 0.5 * (1 + torch.sign(g_ce) * agreement)
-    uniform = torch.rand(g_ce.shape, generator=generator, device=g_ce.device, dtype=keep_prob.dtype)
-    keep = (keep_prob > uniform).to(g_ce.dtype)
-    return ((1 - lam) + lam * keep) * g_ce
+    # P > U  <=>  sign(g_ce) * (g_ce + g_kl) > (2U - 1) * (|g_ce| + |g_kl| + eps): no division,
+    # few full-size temporaries (this runs over every masked weight each step)
+    agreement = g_ce + g_kl
+    agreement.mul_(torch.sign(g_ce))
+    scale = g_ce.abs()
+    scale.add_(g_kl.abs()).add_(_EPS)
+    threshold = torch.rand(g_ce.shape, generator=generator, device=g_ce.device, dtype=g_ce.dtype)
+    threshold.mul_(2).sub_(1).mul_(scale)
+    keep = agreement > threshold
+    if lam == 1.0:
+        return g_ce.masked_fill(~keep, 0.0)
+    return torch.where(keep, g_ce, g_ce * (1 - lam))
 
 
 def score_penalty(scores: Iterable[torch.Tensor], weight: float = SCORE_L2_WEIGHT) -> torch.Tensor:

@@ -140,22 +140,22 @@ def rmt_step(model: MaskedCLIP, images: torch.Tensor, labels: torch.Tensor, cfg:
              dist: DistContext) -> dict[str, torch.Tensor]:
     """One optimisation step of the scores; returns detached loss terms and the student logits."""
     amp = autocast_for(images.device, cfg.amp)
+    views = model.scores  # gradients are taken per view, then concatenated (see MaskedCLIP.flat_grad)
     with amp:
-        student = model(images)
+        student = model(images, scores=views)
     scores = model.flat_scores
-    loss_ce = F.cross_entropy(student, labels) + score_penalty(model.scores.values(), cfg.score_l2)
+    loss_ce = F.cross_entropy(student, labels) + score_penalty(views.values(), cfg.score_l2)
     if cfg.gdr:
         with torch.no_grad(), autocast_for(images.device, cfg.amp):
             teacher = model(images, masked=False)
         loss_kl = teacher_loss(student, teacher, cfg.temperature)
-        (g_kl,) = torch.autograd.grad(loss_kl, [scores], retain_graph=True)
-        (g_ce,) = torch.autograd.grad(loss_ce, [scores])
+        g_kl = model.flat_grad(loss_kl, views, retain_graph=True)
+        g_ce = model.flat_grad(loss_ce, views)
         g_ce, g_kl = dist.average(g_ce, g_kl)
         scores.grad = gradient_dropout(g_ce, g_kl, cfg.gdr_lambda, generator)
     else:
         loss_kl = torch.zeros(())
-        (g_ce,) = torch.autograd.grad(loss_ce, [scores])
-        (scores.grad,) = dist.average(g_ce)
+        (scores.grad,) = dist.average(model.flat_grad(loss_ce, views))
     optimizer.step()
     scores.grad = None
     return {"loss": loss_ce.detach(), "kl": loss_kl.detach(), "logits": student.detach()}

@@ -96,6 +96,11 @@ class OrtBackend:
     def read_base(self, spec: TensorSpec, out: np.ndarray) -> None:
         self.weights.read_into(spec.tensor if spec.tensor in self.weights.entries else spec.key, out)
 
+    def prepare(self, lease: Lease) -> None:
+        """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU there is nothing to do."""
+        if self.kind == "cuda":
+            self._device_values(lease)
+
     def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
         if self.kind == "cpu":
             feeds = dict(lease.arrays)

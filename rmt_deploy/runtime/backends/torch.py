@@ -76,6 +76,13 @@ class TorchBackend:
             param.data = tensors[key]
         self._active = (lease.slot, lease.generation)
 
+    def prepare(self, lease: Lease) -> None:
+        """Point the model at the lease's weights (a device copy on CUDA if the slot changed)."""
+        if self.device.type == "cuda":
+            with self.torch.no_grad():
+                self._activate(lease)
+            self.torch.cuda.synchronize(self.device)
+
     def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
         torch = self.torch
         with torch.no_grad():

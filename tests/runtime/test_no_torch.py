@@ -1,0 +1,65 @@
+"""The runtime path (preprocess, engine, CLI, ONNX Runtime and TensorRT backends) never imports torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HEAVY = ["torch", "torchvision", "open_clip"]
+MODULES = ["rmt_deploy.preprocess", "rmt_deploy.runtime.engine", "rmt_deploy.runtime.cli",
+           "rmt_deploy.runtime.taskpool", "rmt_deploy.runtime.tasks", "rmt_deploy.runtime.baseweights",
+           "rmt_deploy.runtime.backends", "rmt_deploy.runtime.backends.onnxruntime",
+           "rmt_deploy.runtime.backends.tensorrt"]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    prelude = "import sys\nfor _n in %r:\n    sys.modules[_n] = None\n" % (HEAVY,)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_engine_loads_and_predicts_with_torch_unimportable(onnx_bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(image)
+    result = _run(f"""
+        import importlib, json
+        for module in {MODULES!r}:
+            importlib.import_module(module)
+        from rmt_deploy import Engine
+        with Engine.load({str(onnx_bundle.root)!r}, task="beta") as engine:
+            first = engine.predict([{str(image)!r}])
+            engine.switch("alpha")
+            second = engine.predict([{str(image)!r}], task="beta")
+            print(json.dumps([engine.backend, first.labels, bool((first.logits == second.logits).all())]))
+        from rmt_deploy.cli import main
+        try:
+            main(["predict", "--bundle", {str(onnx_bundle.root)!r}, "--task", "gamma", "--json",
+                  "--top-k", "2", {str(image)!r}])
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+        assert not [m for m in {HEAVY!r} if sys.modules.get(m) is not None]
+    """)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    backend, labels, same = json.loads(lines[0])
+    assert backend == "onnxruntime-cpu" and len(labels) == 1 and same
+    cli = json.loads("\n".join(lines[1:]))
+    assert cli["task"] == "gamma" and len(cli["results"][0]["top_k"]) == 2
+
+
+def test_torch_backend_without_torch_names_the_extra(onnx_bundle):
+    result = _run(f"""
+        from rmt_deploy import Engine
+        from rmt_deploy.errors import MissingDependencyError
+        try:
+            Engine.load({str(onnx_bundle.root)!r}, backend="torch")
+        except MissingDependencyError as exc:
+            print(exc)
+    """)
+    assert "rmt-deploy[train]" in result.stdout, result.stderr
