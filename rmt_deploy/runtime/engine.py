@@ -95,7 +95,7 @@ class Engine:
             bundle.task_path(task)  # unknown task: fail before the expensive part
         impl = backends.create(bundle, backend, device, threads)
         try:
-            pool = TaskPool(impl.specs, impl.read_base, cache_tasks)
+            pool = TaskPool(impl.specs, impl.read_base, cache_tasks, workers=threads)
             if not getattr(impl, "base_verified", False):
                 _verify_base(bundle, impl.specs, pool.base_arrays())
             engine = cls(bundle, impl, pool)

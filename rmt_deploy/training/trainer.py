@@ -36,7 +36,7 @@ from rmt_deploy.training.regularizer import SCORE_L2_WEIGHT, gradient_dropout, s
 CONFIG_VERSION = 1
 METRICS_FILE = "metrics.json"
 # fields that may differ between a run and its --resume
-_RESUME_FREE = {"resume", "workers", "device", "progress", "keep_checkpoints", "eval_batch_size"}
+_RESUME_FREE = {"resume", "out", "workers", "device", "progress", "keep_checkpoints", "eval_batch_size"}
 
 
 @dataclass

@@ -17,7 +17,7 @@ SHAPES = {"a": (6, 5), "b": (7,), "c": (3, 2, 4)}
 def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0):
     rng = np.random.default_rng(seed)
     base = {k: rng.standard_normal(s).astype(np.float32) + 3 for k, s in SHAPES.items()}
-    specs = [TensorSpec(k, s, np.dtype(np.float32)) for k, s in SHAPES.items()]
+    specs = [TensorSpec(k, s, np.dtype(np.float32), k) for k, s in SHAPES.items()]
     reads = []
 
     def read_base(spec, out):
@@ -111,3 +111,13 @@ def test_unknown_task_duplicate_task_and_bad_capacity():
         pool.add("t0", {k: np.zeros(0, np.int64) for k in SHAPES})
     with pytest.raises(InputError, match="cache_tasks=0"):
         TaskPool([], lambda s, o: None, 0)
+
+
+@pytest.mark.parametrize("shape, perm", [((6, 4), (1, 0)), ((3, 4, 5), (2, 0, 1)), ((7,), None)])
+def test_stored_indices_follow_a_transposed_layout(shape, perm):
+    rng = np.random.default_rng(3)
+    keep = rng.random(shape) >= 0.3
+    stored_shape = tuple(shape[p] for p in perm) if perm else shape
+    spec = TensorSpec("w", stored_shape, np.dtype(np.float32), "w", perm)
+    expected = np.flatnonzero(~(np.transpose(keep, perm) if perm else keep))
+    np.testing.assert_array_equal(spec.stored_indices(np.flatnonzero(~keep)), expected)

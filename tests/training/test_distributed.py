@@ -44,16 +44,21 @@ def test_single_process_needs_no_process_group(trained):
     assert json.loads((trained / "metrics.json").read_text())["world_size"] == 1
 
 
-def test_scores_out_of_sync_across_ranks_are_detected():
-    torch.multiprocessing.start_processes(_check_sync_worker, nprocs=2, join=True, start_method="fork")
+def test_gradient_averaging_and_sync_check_with_gloo():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.start_processes(_check_sync_worker, args=(port,), nprocs=2, join=True, start_method="fork")
 
 
-def _check_sync_worker(rank: int) -> None:
+def _check_sync_worker(rank: int, port: int) -> None:
     from rmt_deploy.errors import InternalError
     from rmt_deploy.training.distributed import DistContext
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getppid() % 1000))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
     try:
         ctx = DistContext(rank=rank, world_size=2)
         grad_mean = ctx.average(torch.tensor([float(rank), 2.0 * rank]), torch.tensor([4.0 * rank]))
