@@ -140,6 +140,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise InputError(f"cannot write to {folder}: {exc.strerror}; choose a writable folder") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -162,6 +163,12 @@ def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
         return {e["name"]: tensors[MASK_PREFIX + e["name"]].tobytes() for e in meta["masked_tensors"]}
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{path}: task file is incomplete or malformed ({exc})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:

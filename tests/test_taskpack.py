@@ -147,3 +147,14 @@ def test_plain_safetensors_file_is_not_a_task(tmp_path):
 def test_missing_file_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="no such task file"):
         TaskPack.load(tmp_path / "missing.rmtask")
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = _pack().save(tmp_path / "dtd.rmtask")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

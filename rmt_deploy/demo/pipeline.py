@@ -53,8 +53,8 @@ def _train(config: DemoConfig, task: DemoTask, checkpoint: Path, out: Path) -> d
     from rmt_deploy.training.trainer import TrainConfig, train_task
 
     train_config = TrainConfig(model=config.model, dataset="imagefolder", data_root=str(task.root), out=str(out),
-                               pretrained=str(checkpoint), task=task.name, shots=config.shots, seed=1,
-                               epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                               pretrained=str(checkpoint), task=task.name, template=task.template,
+                               shots=config.shots, seed=1, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                device="cpu", workers=0, progress=False)
     result = train_task(train_config)
     return {"taskpack": str(result.taskpack), **result.metrics}

@@ -30,6 +30,8 @@ def _groups(value: str) -> tuple[str, ...]:
 @click.option("--data-root", required=True, type=click.Path(), help="Folder holding the dataset (CoOp layout).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder for <task>.rmtask, metrics.json, checkpoints.")
 @click.option("--task", default=None, help="Task name (default: the dataset name).")
+@click.option("--template", default=None, help="Prompt template with {} for the class name "
+              "(default: the dataset's, e.g. '{} texture.' for dtd, 'a photo of a {}.' for imagefolder).")
 @click.option("--shots", default=_DEFAULTS["shots"], show_default=True, help="Images per class; 0 = all.")
 @click.option("--seed", default=_DEFAULTS["seed"], show_default=True, help="Few-shot sample and training seed.")
 @click.option("--epochs", default=_DEFAULTS["epochs"], show_default=True)

@@ -49,6 +49,7 @@ class TrainConfig:
     out: str
     pretrained: str | None = None
     task: str | None = None  # default: the dataset (or image folder) name
+    template: str | None = None  # prompt template with '{}'; default: the dataset's
     shots: int = 16  # per class; <= 0 trains on the full train split
     seed: int = 1
     epochs: int = 30
@@ -179,7 +180,8 @@ class _Run:
         self.base = base
         tensors = maskable_tensors(base.model, cfg.mask_groups)
         self.fingerprint = fingerprint(cfg.model, tensors)
-        head = class_head(base, self.data.class_names, self.data.template, dist.device)
+        self.template = cfg.template or self.data.template
+        head = class_head(base, self.data.class_names, self.template, dist.device)
         logit_scale = float(base.model.logit_scale.detach().exp())
         self.model = MaskedCLIP(base.model, tensors, head, logit_scale, cfg.threshold, cfg.score_init)
         self.optimizer = torch.optim.Adam([self.model.flat_scores], lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -289,7 +291,7 @@ class _Run:
         pack = TaskPack(
             name=self.task, class_names=self.data.class_names, head=self.model.head.cpu().numpy(), masks=masks,
             base_fingerprint=self.fingerprint, model_name=self.cfg.model, logit_scale=self.model.logit_scale,
-            template=self.data.template,
+            template=self.template,
             metrics={k: v for k, v in metrics.items() if k not in ("history", "hyperparameters")},
             hyperparameters=self.cfg.to_dict(),
         )

@@ -212,6 +212,21 @@ def test_another_seed_gives_other_masks(trained, tiny_checkpoint, coop_root, tmp
     assert not torch.equal(_final_scores(tmp_path), _final_scores(trained))
 
 
+def test_template_option_sets_the_class_head(trained, tiny_checkpoint, coop_root, tmp_path, capsys):
+    from rmt_deploy.models import load_base
+    from rmt_deploy.training.evaluation import class_head
+
+    args = train_args(tiny_checkpoint, coop_root, tmp_path, "--epochs", "1", "--template", "a close-up of {}.")
+    code, _, err = _cli(args, capsys)
+    assert code == 0, err
+    pack = TaskPack.load(tmp_path / "dtd.rmtask")
+    assert pack.template == "a close-up of {}."
+    base = load_base(TINY, str(tiny_checkpoint))
+    expected = class_head(base, pack.class_names, "a close-up of {}.", torch.device("cpu")).numpy()
+    np.testing.assert_allclose(pack.head, expected, atol=1e-6)
+    assert not np.allclose(pack.head, TaskPack.load(trained / "dtd.rmtask").head)
+
+
 # ---- bad input: one line on stderr, exit 1 ------------------------------------------------------
 
 
@@ -240,6 +255,7 @@ def _replace(args, option, value):
     ("--mask-groups", "attn,ffn", r"unknown mask group.*ffn"),
     ("--pretrained", "/nonexistent/w.safetensors", "checkpoint file '/nonexistent/w.safetensors' does not exist"),
     ("--device", "tpu", "device 'tpu' is not one of"),
+    ("--template", "no placeholder", "has no '{}' for the class name"),
 ])
 def test_bad_training_input(option, value, pattern, tiny_checkpoint, coop_root, tmp_path, capsys):
     _fails(_replace(train_args(tiny_checkpoint, coop_root, tmp_path / "out"), option, value), capsys, pattern)
