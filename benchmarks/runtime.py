@@ -139,7 +139,7 @@ def measure_switch(work: Path, threads: int, repeats: int) -> dict:
     dense = sum(b.nbytes for b in base.values())
     del base, masks, bufs
     folded = bundle.folded_path(TASKS[1])
-    naive = _median_ms(lambda: _session(folded, threads), 3)
+    naive = _median_ms(lambda: _session(folded, threads), 5)
     return {"uncached_switch_ms": uncached, "cached_switch_ms": cached, "floor_ms": floor_ms,
             "naive_switch_ms": naive, "dense_masked_mb": dense / 2**20, "task_store_mb": task_bytes / 2**20}
 
@@ -184,6 +184,35 @@ def measure_rss(work: Path, threads: int, what: str) -> dict:
             engine.predict(images, task=name)
         assert len(engine.resident_tasks) == cache_tasks
     return {"peak_rss_mb": _peak_rss_mb(), "torch_loaded": "torch" in sys.modules}
+
+
+def measure_torch_cuda(work: Path, threads: int, repeats: int) -> dict:
+    """torch backend on CUDA: uncached switch (host rewrite + one H2D copy) vs the H2D copy floor."""
+    import torch
+
+    from rmt_deploy.runtime.engine import Engine
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    engine = Engine.load(work / "bundle", task=TASKS[0], backend="torch", device="cuda", cache_tasks=2)
+    for name in TASKS[len(EXPORTED):]:
+        engine.add_task(work / "tasks" / f"{name}.rmtask")
+    order = iter(TASKS * (repeats + 2))
+    for _ in range(len(TASKS)):
+        engine.switch(next(order))
+    uncached = _median_ms(lambda: engine.switch(next(order)), repeats)
+    arrays = [np.ones(s.shape, s.dtype) for s in engine._backend.specs]
+    device = [torch.empty(a.shape, device="cuda") for a in arrays]
+
+    def h2d():
+        for d, a in zip(device, arrays):
+            d.copy_(torch.from_numpy(a))
+        torch.cuda.synchronize()
+
+    floor = _median_ms(h2d, repeats)
+    engine.close()
+    return {"device": torch.cuda.get_device_name(0), "uncached_switch_ms": uncached, "h2d_floor_ms": floor,
+            "ratio": uncached / floor}
 
 
 def _child(work: Path, threads: int, what: str) -> dict:
@@ -252,7 +281,14 @@ def text_report(r: dict) -> str:
         f"{summary['per_cached_task_mb']:.0f} MB = {f['per_cached_task_vs_dense']:.2f}x dense "
         f"({s['dense_masked_mb']:.0f} MB) <= 1.1x {mark('per_cached_task_vs_dense')}",
         f"  compact store per task            {s['task_store_mb']:8.1f}",
+        "",
     ]
+    gpu = r.get("torch_cuda", {})
+    if "skipped" in gpu:
+        lines.append(f"torch-CUDA switch: not measured ({gpu['skipped']})")
+    elif gpu:
+        lines.append(f"torch-CUDA switch on {gpu['device']}: uncached {gpu['uncached_switch_ms']:.2f} ms vs H2D copy "
+                     f"floor {gpu['h2d_floor_ms']:.2f} ms ({gpu['ratio']:.2f}x)")
     return "\n".join(lines) + "\n"
 
 
@@ -270,6 +306,8 @@ def main() -> None:
             result = measure_switch(args.workdir, args.threads, args.repeats)
         elif args.child == "latency":
             result = measure_latency(args.workdir, args.threads, args.repeats)
+        elif args.child == "torch_cuda":
+            result = measure_torch_cuda(args.workdir, args.threads, args.repeats)
         else:
             result = measure_rss(args.workdir, args.threads, args.child)
         print(json.dumps(result))
@@ -284,7 +322,8 @@ def main() -> None:
                   "onnxruntime": onnxruntime.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                   "switch": _child(work, args.threads, "switch"),
                   "latency": _child(work, args.threads, "latency"),
-                  "rss": {what: _child(work, args.threads, what) for what in ("folded", "engine-1", "engine-3")}}
+                  "rss": {what: _child(work, args.threads, what) for what in ("folded", "engine-1", "engine-3")},
+                  "torch_cuda": _child(work, args.threads, "torch_cuda")}
     report["summary"] = summarise(report)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "runtime.json").write_text(json.dumps(report, indent=2) + "\n")

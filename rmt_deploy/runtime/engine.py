@@ -94,6 +94,7 @@ class Engine:
         if task is not None:
             bundle.task_path(task)  # unknown task: fail before the expensive part
         impl = backends.create(bundle, backend, device, threads)
+        pool = None
         try:
             pool = TaskPool(impl.specs, impl.read_base, cache_tasks, workers=threads)
             if not getattr(impl, "base_verified", False):
@@ -107,6 +108,8 @@ class Engine:
                 engine.switch(current)
             return engine
         except BaseException:
+            if pool is not None:
+                pool.close()
             impl.close()
             raise
 

@@ -89,10 +89,6 @@ class PoolStats:
     waits: int = 0
 
 
-def index_dtype(size: int) -> np.dtype:
-    return np.dtype(np.int32) if size < 2**31 else np.dtype(np.int64)
-
-
 class TaskPool:
     """LRU pool of `capacity` dense buffers over compactly stored tasks; thread-safe."""
 

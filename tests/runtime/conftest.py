@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,14 +75,3 @@ def onnx_bundle(tmp_path_factory, tiny_checkpoint, packs):
 
     return Bundle.open(out)
 
-
-def copy_bundle(bundle, dest: Path) -> Path:
-    """A writable copy of a bundle directory, for tests that damage files."""
-    import shutil
-
-    shutil.copytree(bundle.root, dest)
-    return dest
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -107,7 +107,6 @@ def test_corrupted_bundle_file_is_an_artifact_error(damaged, relative, how):
     with pytest.raises(ArtifactError) as info:
         Engine.load(root, threads=1)
     message = str(info.value)
-    print(message)
     assert "\n" not in message and relative.split("/")[-1] in message or "fingerprint" in message
 
 

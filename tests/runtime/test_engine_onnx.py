@@ -30,3 +30,16 @@ def test_ort_matches_folded_models(onnx_bundle, images):
             folded = ort.InferenceSession(str(onnx_bundle.folded_path(task)), providers=["CPUExecutionProvider"])
             expected = folded.run(None, {"image": images})[0]
             np.testing.assert_allclose(engine.predict(images, task=task).logits, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_bundle_with_initializer_defaults_is_fed_the_same(tmp_path, tiny_checkpoint, packs, images, reference):
+    """masked_inputs="defaults": ORT lists the masked inputs as overridable initializers; feeding still wins."""
+    from rmt_deploy.export import ExportConfig, export_bundle
+
+    paths = [packs[name].save(tmp_path / f"{name}.rmtask") for name in ("alpha", "beta")]
+    export_bundle(ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), paths, tmp_path / "bundle", mode="shared",
+                               max_batch=4, verify=False, masked_inputs="defaults"), progress=False)
+    with Engine.load(tmp_path / "bundle", cache_tasks=1, threads=1) as engine:
+        for task in ["beta", "alpha", "beta"]:
+            np.testing.assert_allclose(engine.predict(images, task=task).logits, reference(packs[task], images),
+                                       rtol=1e-4, atol=1e-4)
