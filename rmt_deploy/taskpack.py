@@ -27,6 +27,7 @@ METADATA_KEY = "rmt_deploy"
 CHECKSUM_KEY = "rmt_deploy_sha256"
 HEAD_KEY = "head"
 MASK_PREFIX = "mask/"
+_REQUIRED_META = ("name", "class_names", "base_fingerprint", "model_name", "logit_scale", "masked_tensors")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -151,18 +152,59 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
-    """The encoded mask of each masked tensor, checksum-verified but not decoded.
+@dataclass(frozen=True)
+class EncodedTask:
+    """A task file as stored: validated metadata, head and encoded masks (not decoded).
 
     For callers that want zero positions (masks.decode_zero_indices) or sizes
-    without materialising one bool per weight.
+    without materialising one bool per weight, such as the runtime.
     """
+
+    path: Path
+    meta: dict[str, Any]
+    head: np.ndarray
+    blobs: dict[str, bytes]
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["name"])
+
+    @property
+    def base_fingerprint(self) -> str:
+        return str(self.meta["base_fingerprint"])
+
+
+def read_encoded(path: str | os.PathLike) -> EncodedTask:
+    """Read a task file: checksum, format tag and version, tensor set and head checked; masks left encoded."""
     path = Path(path)
     meta, tensors = _read_container(path)
+    if meta.get("format") != FORMAT_TAG:
+        raise ArtifactError(f"{path}: format tag {meta.get('format')!r} is not {FORMAT_TAG!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: task format version {meta.get('version')!r} is not supported "
+            f"(this rmt-deploy reads version {FORMAT_VERSION}); upgrade rmt-deploy"
+        )
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: task file is incomplete or malformed (missing {', '.join(missing)})")
     try:
-        return {e["name"]: tensors[MASK_PREFIX + e["name"]].tobytes() for e in meta["masked_tensors"]}
+        names = [str(entry["name"]) for entry in meta["masked_tensors"]]
+        blobs = {name: tensors[MASK_PREFIX + name].tobytes() for name in names}
+        head = tensors[HEAD_KEY]
     except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path}: task file is incomplete or malformed ({exc})") from None
+        raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+    extra = set(tensors) - {HEAD_KEY} - {MASK_PREFIX + name for name in names}
+    if extra:
+        raise ArtifactError(f"{path}: unexpected tensors {sorted(extra)}")
+    if head.dtype != np.float32 or head.ndim != 2:
+        raise ArtifactError(f"{path}: head is {head.dtype} {list(head.shape)}, not float32 [classes, dim]")
+    return EncodedTask(path, meta, head, blobs)
+
+
+def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
+    """The encoded mask of each masked tensor, checksum-verified but not decoded."""
+    return read_encoded(path).blobs
 
 
 def _umask() -> int:
@@ -210,36 +252,22 @@ def _read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def _load(path: Path) -> TaskPack:
-    meta, tensors = _read_container(path)
-    if meta.get("format") != FORMAT_TAG:
-        raise ArtifactError(f"{path}: format tag {meta.get('format')!r} is not {FORMAT_TAG!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: task format version {meta.get('version')!r} is not supported "
-            f"(this rmt-deploy reads version {FORMAT_VERSION}); upgrade rmt-deploy"
-        )
+    encoded = read_encoded(path)
+    meta = encoded.meta
     try:
-        entries = meta["masked_tensors"]
-        head = tensors[HEAD_KEY]
         masks = {}
-        for entry in entries:
-            payload = tensors[MASK_PREFIX + entry["name"]]
-            keep = decode_mask(payload.tobytes())
+        for entry in meta["masked_tensors"]:
+            keep = decode_mask(encoded.blobs[entry["name"]])
             if list(keep.shape) != list(entry["shape"]):
                 raise ArtifactError(
                     f"{path}: mask {entry['name']!r} decodes to shape {list(keep.shape)}, "
                     f"header says {entry['shape']}"
                 )
             masks[entry["name"]] = keep
-        extra = set(tensors) - {HEAD_KEY} - {MASK_PREFIX + e["name"] for e in entries}
-        if extra:
-            raise ArtifactError(f"{path}: unexpected tensors {sorted(extra)}")
-        if head.dtype != np.float32:
-            raise ArtifactError(f"{path}: head dtype {head.dtype} is not float32")
         return TaskPack(
             name=meta["name"],
             class_names=list(meta["class_names"]),
-            head=head,
+            head=encoded.head,
             masks=masks,
             base_fingerprint=str(meta["base_fingerprint"]),
             model_name=str(meta["model_name"]),

@@ -121,15 +121,29 @@ def refit_map(model: Any, masked_inputs: Mapping[str, str]) -> dict[str, RefitEn
 
 
 def _common_transpose(value: Any) -> list[int] | None:
+    """The permutation every consumer applies to `value`, None if no consumer is a Transpose.
+
+    Mixed consumers (some Transpose, some not) or Transposes with different permutations
+    raise InternalError: the ONNX importer could fold a Transpose of an initializer into an
+    unnamed constant, so the named weights would not be what the engine computes with.
+    """
     users = [use.node for use in value.uses()]
-    if not users or any(node.op_type != "Transpose" for node in users):
+    transposes = [node for node in users if node.op_type == "Transpose"]
+    if not transposes:
         return None
+    if len(transposes) != len(users):
+        others = sorted({node.op_type for node in users if node.op_type != "Transpose"})
+        raise InternalError(f"masked input {value.name!r} is read both through Transpose and directly "
+                            f"({', '.join(others)}): it cannot be stored in one refittable layout")
+    rank = len(value.shape)
     perms = set()
-    for node in users:
+    for node in transposes:
         attr = node.attributes.get("perm")
-        rank = len(value.shape)
         perms.add(tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(rank))))
-    return list(perms.pop()) if len(perms) == 1 else None
+    if len(perms) != 1:
+        raise InternalError(f"masked input {value.name!r} is transposed with different permutations "
+                            f"{sorted(perms)}: it cannot be stored in one refittable layout")
+    return list(perms.pop())
 
 
 def refittable_model(model: Any, refit: Mapping[str, RefitEntry], base_values: Mapping[str, np.ndarray]) -> Any:
@@ -180,13 +194,18 @@ def tensorrt_manifest(trt_version: str, gpu: Mapping[str, str], precision: str, 
 
 
 def engine_mismatch(meta: Mapping[str, Any], gpu_name: str, trt_version: str) -> str | None:
-    """Why an engine recorded in a manifest cannot run here (None if it can): GPU model or TensorRT version."""
+    """Why an engine recorded in a manifest cannot run here (None if it can): GPU model or TensorRT version.
+
+    TensorRT plans (built without version compatibility) run only on the exact TensorRT
+    version that built them, so the whole version string must match.
+    """
     built_gpu = meta.get("gpu", {}).get("name")
     if built_gpu != gpu_name:
         return f"engine was built for GPU {built_gpu!r}, this GPU is {gpu_name!r}: re-export with --target trt here"
-    if version_tuple(str(meta.get("version", ""))) != version_tuple(trt_version):
-        return (f"engine was built with TensorRT {meta.get('version')}, this is TensorRT {trt_version}: "
-                "re-export with --target trt here")
+    built_version = str(meta.get("version", ""))
+    if built_version.strip() != str(trt_version).strip():
+        return (f"engine was built with TensorRT {built_version or '(unknown)'}, this is TensorRT {trt_version}: "
+                "re-export with --target trt on this machine")
     return None
 
 
@@ -263,6 +282,7 @@ class EngineRunner:
         return list(self.trt.Refitter(self.engine, self.logger).get_all_weights())
 
     def refit(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Refit from host arrays; weights validation stays on (the default) at export time."""
         refitter = self.trt.Refitter(self.engine, self.logger)
         keep = {name: np.ascontiguousarray(array) for name, array in weights.items()}
         for name, array in keep.items():
@@ -278,12 +298,16 @@ class EngineRunner:
         buffers = {}
         for name, array in inputs.items():
             buffers[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-            self.context.set_input_shape(name, tuple(array.shape))
+            if not self.context.set_input_shape(name, tuple(array.shape)):
+                raise InternalError(f"TensorRT engine rejects input {name!r} of shape {tuple(array.shape)} "
+                                    "(outside its optimization profile)")
             self.context.set_tensor_address(name, buffers[name].data_ptr())
         shape = tuple(self.context.get_tensor_shape(output))
-        result = torch.empty(shape, dtype=torch.float32, device="cuda")
+        dtype = torch.from_numpy(np.empty(0, self.trt.nptype(self.engine.get_tensor_dtype(output)))).dtype
+        result = torch.empty(shape, dtype=dtype, device="cuda")
         self.context.set_tensor_address(output, result.data_ptr())
         stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # the input copies above ran on the current stream
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise InternalError("TensorRT execution failed")
         stream.synchronize()

@@ -17,8 +17,7 @@ import numpy as np
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
 from rmt_deploy.fingerprint import short
 from rmt_deploy.masks import decode_zero_indices
-from rmt_deploy.taskpack import (FORMAT_TAG, FORMAT_VERSION, HEAD_KEY, MASK_PREFIX, TaskPack,
-                                 _read_container, check_task_name)
+from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
 
 
 @dataclass(frozen=True)
@@ -61,32 +60,26 @@ def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,
 
 def _read_file(path: Path, fingerprint: str) -> tuple[TaskHead, dict[str, np.ndarray], dict[str, tuple]]:
     try:
-        meta, tensors = _read_container(path)
+        encoded = read_encoded(path)
     except RmtError as exc:
         raise ArtifactError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
-    if meta.get("format") != FORMAT_TAG or meta.get("version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: task format {meta.get('format')!r} v{meta.get('version')!r} is not "
-            f"{FORMAT_TAG!r} v{FORMAT_VERSION}; re-save the task with this rmt-deploy"
-        )
+    meta = encoded.meta
     try:
-        base = str(meta["base_fingerprint"])
-        if base != fingerprint:
+        if encoded.base_fingerprint != fingerprint:
             raise IncompatibleBaseError(
-                f"task '{meta.get('name')}' ({path}) was trained on base {short(base)} "
+                f"task '{encoded.name}' ({path}) was trained on base {short(encoded.base_fingerprint)} "
                 f"({meta.get('model_name')}), not on this bundle's base {short(fingerprint)}: "
                 "retrain the task on this base or load the bundle it was trained on"
             )
-        name = check_task_name(str(meta["name"]))
-        head = np.ascontiguousarray(tensors[HEAD_KEY], dtype=np.float32)
+        name = check_task_name(encoded.name)
         zeros, mask_shapes = {}, {}
         for entry in meta["masked_tensors"]:
-            shape, idx = decode_zero_indices(tensors[MASK_PREFIX + entry["name"]].tobytes())
+            shape, idx = decode_zero_indices(encoded.blobs[entry["name"]])
             if list(shape) != list(entry["shape"]):
                 raise ArtifactError(f"{path}: mask {entry['name']!r} has shape {list(shape)}, "
                                     f"header says {entry['shape']}")
             zeros[entry["name"]], mask_shapes[entry["name"]] = idx, tuple(shape)
-        return TaskHead(name, tuple(str(c) for c in meta["class_names"]), head,
+        return TaskHead(name, tuple(str(c) for c in meta["class_names"]), encoded.head,
                         float(meta["logit_scale"])), zeros, mask_shapes
     except RmtError as exc:
         if isinstance(exc, IncompatibleBaseError) or str(path) in str(exc):
