@@ -16,6 +16,18 @@ RUNTIME_PATH_MODULES = [
     "rmt_deploy.bundle",
     "rmt_deploy.inspect_task",
     "rmt_deploy.cli",
+    "rmt_deploy.preprocess",
+    "rmt_deploy.runtime.engine",
+    "rmt_deploy.runtime.cli",
+    "rmt_deploy.runtime.backends.onnxruntime",
+    "rmt_deploy.runtime.backends.tensorrt",
+    "rmt_deploy.bench.cli",
+    "rmt_deploy.bench.memory",
+    # need torch to run, but listing or importing them must stay cheap
+    "rmt_deploy.export.cli",
+    "rmt_deploy.export.tensorrt",
+    "rmt_deploy.training.cli",
+    "rmt_deploy.demo.cli",
 ]
 HEAVY = ["torch", "torchvision", "open_clip"]
 

@@ -58,6 +58,57 @@ def test_engine_mismatch_names_gpu_or_version():
     assert "TensorRT 10.8.0.43" in rt.engine_mismatch(meta, "NVIDIA H200", "11.0.0")
 
 
+def test_engine_mismatch_compares_the_full_tensorrt_version():
+    """A plan runs only on the TensorRT version that built it: a different build number is a mismatch."""
+    meta = {"version": "10.8.0.43", "gpu": {"name": "NVIDIA H200"}}
+    why = rt.engine_mismatch(meta, "NVIDIA H200", "10.8.0.44")
+    assert why is not None
+    assert "10.8.0.43" in why and "10.8.0.44" in why and "--target trt on this machine" in why
+    assert rt.engine_mismatch({"gpu": {"name": "NVIDIA H200"}}, "NVIDIA H200", "10.8.0.43") is not None
+
+
+def _graph_with_uses(uses: list[tuple[str, list[int] | None]], shape=(4, 6)):
+    """An onnx_ir model whose input `w` is consumed by the listed nodes: ("Transpose", perm) or ("Relu", None)."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    nodes, outputs = [], []
+    for i, (op, perm) in enumerate(uses):
+        attrs = {"perm": perm} if op == "Transpose" and perm is not None else {}
+        nodes.append(helper.make_node(op, ["w"], [f"y{i}"], **attrs))
+        out_shape = [shape[p] for p in perm] if perm is not None else (
+            list(reversed(shape)) if op == "Transpose" else list(shape))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, out_shape))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(shape))],
+                              outputs)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(proto)
+    return ir.from_proto(proto)
+
+
+def test_refit_map_on_a_hand_built_graph():
+    plain = rt.refit_map(_graph_with_uses([("Relu", None)]), {"t": "w"})["t"]
+    assert plain.perm is None and plain.shape == [4, 6] and plain.weights == "w" and plain.dtype == "float32"
+    both = rt.refit_map(_graph_with_uses([("Transpose", [1, 0]), ("Transpose", None)]), {"t": "w"})["t"]
+    assert both.perm == [1, 0] and both.shape == [6, 4]  # no perm attribute = reversed axes
+
+
+def test_refit_map_refuses_a_weight_read_both_transposed_and_not():
+    from rmt_deploy.errors import InternalError
+
+    with pytest.raises(InternalError, match="both through Transpose and directly"):
+        rt.refit_map(_graph_with_uses([("Transpose", [1, 0]), ("Relu", None)]), {"t": "w"})
+
+
+def test_refit_map_refuses_different_permutations():
+    from rmt_deploy.errors import InternalError
+
+    model = _graph_with_uses([("Transpose", [1, 0, 2]), ("Transpose", [2, 1, 0])], shape=(2, 3, 4))
+    with pytest.raises(InternalError, match="different permutations"):
+        rt.refit_map(model, {"t": "w"})
+
+
 def test_refit_map_from_the_shared_graph(bundle_dir):
     import onnx_ir as ir
 
