@@ -24,10 +24,13 @@ from rmt_deploy.errors import InputError, require
 class DemoConfig:
     """Sizes of the demo run; `fast()` is the variant the test suite runs."""
 
-    model: str = "rmt-small-vit"
+    model: str = "rmt-tiny-vit"
     shots: int = 16
     test_per_class: int = 30
     epochs: int = 30
+    # The paper's 8e-5 suits a pretrained ViT-B/16 and thousands of steps; the demo's
+    # random-weight model gets ~100 steps per task, so scores need a larger step to cross
+    # the threshold (measured: textures 33% -> 91%, digits 10% -> 33% at 1e-3).
     lr: float = 1e-3
     batch_size: int = 16
     bench_repeats: int = 20
@@ -79,16 +82,16 @@ def _serve(bundle: Path, tasks: list[DemoTask]) -> dict[str, Any]:
             start = time.perf_counter()
             engine.switch(task.name)
             switch_ms.append((time.perf_counter() - start) * 1e3)
-            paths, labels = [], []
-            for label, name in enumerate(task.class_names):
+            paths, truth = [], []
+            for name in task.class_names:
                 files = sorted((task.root / "test" / name).glob("*.png"))
                 paths += files
-                labels += [label] * len(files)
+                truth += [name] * len(files)
             prediction = engine.predict(paths)
             example = prediction.top_k(1)[0][0]
             results[task.name] = {
                 "images": len(paths),
-                "accuracy": float(np.mean(prediction.indices == np.asarray(labels))),
+                "accuracy": float(np.mean(np.asarray(prediction.labels) == np.asarray(truth))),
                 "example": {"file": paths[0].name, "label": example[0], "probability": example[1]},
             }
         results["backend"] = engine.backend
