@@ -6,52 +6,48 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from rmt_deploy.fingerprint import short
-from rmt_deploy.masks import mask_stats
-from rmt_deploy.taskpack import TaskPack, load_mask_blobs
-
-
-def _binary_entropy_bytes(size: int, zeros: int) -> float:
-    if size == 0 or zeros in (0, size):
-        return 0.0
-    p = zeros / size
-    return size * float(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))) / 8
+from rmt_deploy.masks import entropy_bound_for, mask_stats
+from rmt_deploy.taskpack import read_encoded
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
     """A JSON-able summary of a task pack: task, classes, base, masks and their storage."""
-    pack = TaskPack.load(path)
+    encoded = read_encoded(path)
+    meta = encoded.meta
     tensors = []
-    for name, blob in load_mask_blobs(path).items():
+    for name, blob in encoded.blobs.items():
         stats = mask_stats(blob)
         tensors.append({
             "name": name,
             "shape": list(stats.shape),
+            "size": stats.size,
+            "zeros": stats.zeros,
             "sparsity": stats.zeros / stats.size if stats.size else 0.0,
             "stored_bytes": len(blob),
-            "entropy_bound_bytes": _binary_entropy_bytes(stats.size, stats.zeros),
+            "entropy_bound_bytes": entropy_bound_for(stats.size, stats.zeros),
             "packbits_bytes": (stats.size + 7) // 8,
             "method": stats.method,
         })
+    masked = sum(t["size"] for t in tensors)
     return {
         "path": str(path),
-        "task": pack.name,
-        "classes": pack.class_names,
-        "template": pack.template,
-        "model": pack.model_name,
-        "fingerprint": pack.base_fingerprint,
-        "logit_scale": pack.logit_scale,
-        "sparsity": pack.sparsity,
-        "masked_weights": sum(int(np.prod(t["shape"])) for t in tensors),
+        "task": encoded.name,
+        "classes": list(meta["class_names"]),
+        "template": meta.get("template", ""),
+        "model": meta["model_name"],
+        "fingerprint": encoded.base_fingerprint,
+        "logit_scale": float(meta["logit_scale"]),
+        "sparsity": sum(t["zeros"] for t in tensors) / masked if masked else 0.0,
+        "masked_weights": masked,
         "stored_bytes": sum(t["stored_bytes"] for t in tensors),
         "entropy_bound_bytes": sum(t["entropy_bound_bytes"] for t in tensors),
         "packbits_bytes": sum(t["packbits_bytes"] for t in tensors),
         "file_bytes": Path(path).stat().st_size,
         "tensors": tensors,
-        "metrics": pack.metrics,
-        "hyperparameters": pack.hyperparameters,
+        "metrics": meta.get("metrics", {}),
+        "hyperparameters": meta.get("hyperparameters", {}),
     }
 
 

@@ -47,7 +47,7 @@ _ONES, _ZEROS, _PACKBITS, _RICE_ZEROS, _RICE_ONES = range(5)
 _RICE = (_RICE_ZEROS, _RICE_ONES)
 METHODS = ("const-ones", "const-zeros", "packbits", "rice-zeros", "rice-ones")
 MAX_SIZE = 1 << 32  # elements per mask; far above any real tensor, bounds allocations
-MAX_NDIM = 64
+MAX_NDIM = 32  # keeps the header within 64 bytes of packbits
 MAX_K = 40
 
 
@@ -159,11 +159,15 @@ def encode_mask(keep: np.ndarray) -> bytes:
 def entropy_bound_bytes(keep: np.ndarray) -> float:
     """N * H(p) / 8 bytes, with p the fraction of False entries (H in bits)."""
     keep = _check_bool(keep)
-    n = keep.size
-    p = (n - int(np.count_nonzero(keep))) / n if n else 0.0
+    return entropy_bound_for(keep.size, keep.size - int(np.count_nonzero(keep)))
+
+
+def entropy_bound_for(size: int, zeros: int) -> float:
+    """The Shannon bound in bytes for `size` i.i.d. entries of which `zeros` are False."""
+    p = zeros / size if size else 0.0
     if p in (0.0, 1.0):
         return 0.0
-    return n * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
+    return size * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
 
 
 # ---------------------------------------------------------------- decoding

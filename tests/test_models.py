@@ -99,3 +99,14 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_checkpoint
 def test_unknown_mask_group(tiny_base):
     with pytest.raises(InputError, match="choose from attn, mlp, conv1"):
         maskable_tensors(tiny_base.model, groups=("attn", "everything"))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("garbage.pt", b"this is not a checkpoint"),
+    ("truncated.safetensors", None),
+])
+def test_damaged_checkpoint_files_are_input_errors(tmp_path, tiny_checkpoint, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else tiny_checkpoint.read_bytes()[:5000])
+    with pytest.raises(InputError, match=f"cannot load {TINY_MODEL} weights from .*{name}"):
+        load_base(TINY_MODEL, str(path))

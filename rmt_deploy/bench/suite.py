@@ -21,7 +21,7 @@ from rmt_deploy.bench.memory import measure_in_subprocess
 from rmt_deploy.bench.sessions import folded_session
 from rmt_deploy.bench.timing import interleaved, summarize_ms, time_call
 from rmt_deploy.bundle import Bundle
-from rmt_deploy.errors import InputError
+from rmt_deploy.errors import InputError, InternalError
 
 SCHEMA_ID = "rmt-deploy.bench/1"
 
@@ -95,8 +95,8 @@ class _Runner:
         self.rng = np.random.default_rng(0)
         self.image_shape = (3, *size)
         self.load_s = time_call(lambda: setattr(self, "engine", Engine.load(
-            bundle, backend=config.backend, device=config.device, cache_tasks=max(2, len(tasks)),
-            threads=config.threads)))
+            bundle, backend=config.backend, device=config.device, cache_tasks=len(tasks) + 1,
+            threads=config.threads)))  # every task and the base stay resident: latency never includes a switch
         self.has_folded = all(t in bundle.manifest.files.get("onnx", {}).get("folded", {}) for t in tasks)
         self.folded: dict[str, Any] = {}
         self.folded_load_s: dict[str, float] = {}
@@ -122,7 +122,13 @@ class _Runner:
                     feed = {session.get_inputs()[0].name: batch}
                     fns[f"folded:{task}"] = lambda s=session, f=feed: s.run(None, f)
             fns["base"] = lambda: self.engine.embed(batch, BASE)
-            for variant, times in interleaved(fns, self.config.repeats, tick=self.tick).items():
+            for fn in fns.values():  # warm-up, which also makes every task resident
+                fn()
+            misses = self.engine.cache_stats["misses"]
+            timed = interleaved(fns, self.config.repeats, warmup=0, tick=self.tick)
+            if self.engine.cache_stats["misses"] != misses:
+                raise InternalError("bench latency runs rewrote a task buffer: every task should stay resident")
+            for variant, times in timed.items():
                 stats = summarize_ms(times)
                 rows.append({"variant": variant, "kind": variant.split(":")[0], "batch": size, **stats,
                              "images_per_s": size / (stats["p50"] / 1e3)})

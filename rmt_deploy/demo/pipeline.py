@@ -124,8 +124,18 @@ def run_demo(config: DemoConfig, out: Path, say: Callable[[str], None] = print) 
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    _point_bundle_at_checkpoint(out / "bundle", out / report["checkpoint"])
     report["out"] = str(out)
     return report
+
+
+def _point_bundle_at_checkpoint(bundle_dir: Path, checkpoint: Path) -> None:
+    """The bundle recorded the checkpoint's staging path; record where it now lies."""
+    from rmt_deploy.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    bundle.manifest.pretrained = str(checkpoint.resolve())
+    bundle.write_manifest()
 
 
 def _run_stages(config: DemoConfig, stage: Path, say: Callable[[str], None]) -> dict[str, Any]:

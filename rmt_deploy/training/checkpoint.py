@@ -6,16 +6,16 @@ arbitrary pickled code.
 """
 from __future__ import annotations
 
-import os
+import io
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rmt_deploy.errors import ArtifactError, InputError
+from rmt_deploy.taskpack import write_atomic
 
 FORMAT = "rmt-deploy.train-checkpoint"
 VERSION = 1
@@ -55,27 +55,13 @@ def save(out: Path, epoch: int, payload: dict[str, Any], keep: int = 1) -> Path:
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(out, epoch)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, "version": VERSION, "epoch": epoch, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, "epoch": epoch, **payload}, buffer)
+    write_atomic(path, buffer.getvalue())
     if keep > 0:
         for old in _all(out)[:-keep]:
             old.unlink(missing_ok=True)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _all(out: Path) -> list[Path]:

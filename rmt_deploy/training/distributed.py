@@ -63,14 +63,6 @@ class DistContext:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's picklable object, on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
     def check_in_sync(self, tensor: torch.Tensor, what: str = "mask scores") -> None:
         """Raise InternalError if a replicated tensor differs across ranks (checksums compared)."""
         if not self.distributed:

@@ -12,18 +12,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.preprocess import load_image as read_image_file
 from rmt_deploy.training.data import Sample
 
 
 def load_image(path: Path):
     """An RGB PIL image; an unreadable file raises InputError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"cannot read image {str(path)!r}: {exc}") from None
+    return read_image_file(path).convert("RGB")
 
 
 class ImageDataset(torch.utils.data.Dataset):

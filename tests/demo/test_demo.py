@@ -33,6 +33,12 @@ def test_fast_demo_runs_end_to_end(tmp_path, capsys):
     for name in ("report.md", "report.png", "bench.png"):
         assert (out / name).stat().st_size > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo")]  # no staging left
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["pretrained"] == str((out / report["checkpoint"]).resolve())
+    from rmt_deploy.runtime.engine import Engine
+
+    with Engine.load(out / "bundle", task="textures", backend="torch") as engine:  # rebuilds from the checkpoint
+        assert engine.predict(sorted((out / "data" / "textures" / "test" / "brick").glob("*.png"))).labels
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
