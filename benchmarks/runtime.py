@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from rmt_deploy.bench.memory import peak_rss_mb
+from rmt_deploy.bench.sessions import folded_session
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = [f"task{i}" for i in range(8)]
@@ -76,18 +78,6 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _engine(work: Path, threads: int, cache_tasks: int):
     from rmt_deploy.runtime.engine import Engine
 
@@ -106,7 +96,7 @@ def measure_switch(work: Path, threads: int, repeats: int) -> dict:
     from rmt_deploy.bundle import Bundle
     from rmt_deploy.masks import decode_mask
     from rmt_deploy.runtime.baseweights import SafetensorsReader
-    from rmt_deploy.taskpack import MASK_PREFIX, _read_container
+    from rmt_deploy.taskpack import read_encoded
 
     engine = _engine(work, threads, cache_tasks=2)
     order = iter(TASKS * (repeats + 2))
@@ -124,11 +114,11 @@ def measure_switch(work: Path, threads: int, repeats: int) -> dict:
     bundle = Bundle.open(work / "bundle")
     reader = SafetensorsReader(bundle.root / bundle.manifest.base_weights)
     base, masks, bufs = {}, {}, {}
-    _, payloads = _read_container(work / "tasks" / f"{TASKS[3]}.rmtask")
+    blobs = read_encoded(work / "tasks" / f"{TASKS[3]}.rmtask").blobs
     for t in bundle.manifest.masked_tensors:
         base[t.name] = np.empty(t.shape, np.float32)
         reader.read_into(t.name, base[t.name])
-        masks[t.name] = decode_mask(payloads[MASK_PREFIX + t.name].tobytes())
+        masks[t.name] = decode_mask(blobs[t.name])
         bufs[t.name] = np.empty_like(base[t.name])
 
     def floor():
@@ -137,9 +127,8 @@ def measure_switch(work: Path, threads: int, repeats: int) -> dict:
 
     floor_ms = _median_ms(floor, repeats)
     dense = sum(b.nbytes for b in base.values())
-    del base, masks, bufs
-    folded = bundle.folded_path(TASKS[1])
-    naive = _median_ms(lambda: _session(folded, threads), 5)
+    base.clear(), masks.clear(), bufs.clear()  # free ~2 dense copies before the naive session
+    naive = _median_ms(lambda: folded_session(bundle, TASKS[1], threads), 5)
     return {"uncached_switch_ms": uncached, "cached_switch_ms": cached, "floor_ms": floor_ms,
             "naive_switch_ms": naive, "dense_masked_mb": dense / 2**20, "task_store_mb": task_bytes / 2**20}
 
@@ -148,7 +137,7 @@ def measure_latency(work: Path, threads: int, repeats: int) -> dict:
     from rmt_deploy.bundle import Bundle
 
     engine = _engine(work, threads, cache_tasks=2)
-    plain = _session(Bundle.open(work / "bundle").folded_path(TASKS[1]), threads)
+    plain = folded_session(Bundle.open(work / "bundle"), TASKS[1], threads)
     out = {}
     for batch in (1, 8):
         images = _images(batch)
@@ -175,7 +164,7 @@ def measure_rss(work: Path, threads: int, what: str) -> dict:
     if what == "folded":
         from rmt_deploy.bundle import Bundle
 
-        session = _session(Bundle.open(work / "bundle").folded_path(TASKS[0]), threads)
+        session = folded_session(Bundle.open(work / "bundle"), TASKS[0], threads)
         session.run(None, {"image": images})
     else:
         cache_tasks = int(what.split("-")[1])
@@ -183,7 +172,7 @@ def measure_rss(work: Path, threads: int, what: str) -> dict:
         for name in TASKS[:cache_tasks] + TASKS[-1:]:
             engine.predict(images, task=name)
         assert len(engine.resident_tasks) == cache_tasks
-    return {"peak_rss_mb": _peak_rss_mb(), "torch_loaded": "torch" in sys.modules}
+    return {"peak_rss_mb": peak_rss_mb(), "torch_loaded": "torch" in sys.modules}
 
 
 def measure_torch_cuda(work: Path, threads: int, repeats: int) -> dict:

@@ -11,6 +11,7 @@ numpy only: no torch, no onnx needed to read a bundle.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,8 @@ class Manifest:
     (output `output_name`), and logits = logit_scale * embedding @ head.T per task.
     `files` maps backend -> {"base": path, "folded": {task: path}, ...}.
     `tensorrt` holds engine metadata (GPU, TensorRT version, refit map) when built.
-    `masked_inputs` / `base_weights` say where the masked tensors' base values live.
+    `masked_inputs` / `base_weights` say where the masked tensors' base values live;
+    `base_weights_sha256` is the sha256 of that file's bytes ("" in bundles written before it).
     """
 
     model_name: str
@@ -78,6 +80,7 @@ class Manifest:
     # base values in `base_weights`; "defaults" = inputs with initializer defaults (base values)
     masked_inputs: str = "required"
     base_weights: str = ""  # safetensors file: open_clip name -> base value, in the graph input's dtype
+    base_weights_sha256: str = ""  # hex sha256 of the base_weights file, checked by the runtime at load
     format: str = BUNDLE_FORMAT
     version: int = BUNDLE_VERSION
 
@@ -98,6 +101,19 @@ class Manifest:
         values["preprocess"] = Preprocess(**values["preprocess"])
         values["masked_tensors"] = [MaskedTensor(**t) for t in values["masked_tensors"]]
         return cls(**values)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb") as handle:
+        while True:
+            count = handle.readinto(buffer)
+            if not count:
+                return digest.hexdigest()
+            digest.update(view[:count])
 
 
 class Bundle:

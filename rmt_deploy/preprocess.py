@@ -1,7 +1,8 @@
 """Image loading and open_clip's eval transform, in numpy + Pillow (no torch).
 
 Steps and rounding follow open_clip's `image_transform(..., is_train=False)` on PIL
-images exactly: resize (Pillow, antialiased, in the image's own mode), center crop
+images exactly: resize (Pillow, antialiased, in the image's own mode; bicubic whatever the
+configured interpolation for "shortest" on a non-square size, as open_clip does), center crop
 (zero padding where the image is smaller), convert to RGB, scale to [0, 1], then
 (x - mean) / std in float32. `to_batch` turns what a user passes to
 `Engine.predict` into one validated float32 NCHW batch.
@@ -64,6 +65,7 @@ class ImageTransform:
     def _resize(self, image: Image.Image) -> Image.Image:
         height, width = self.image_size
         w, h = image.size
+        resample = _RESAMPLE[self.interpolation]
         if self.resize_mode == "squash":
             size = [height, width]
         elif self.resize_mode == "shortest" and height == width:
@@ -72,14 +74,20 @@ class ImageTransform:
             new_short, new_long = height, int(height * long / short)
             size = [new_long, new_short] if w <= h else [new_short, new_long]
         else:
-            # open_clip ResizeKeepRatio: ratio between shortest (0) and longest (1) edge fit.
-            longest = 1.0 if self.resize_mode == "longest" else 0.0
-            ratio_h, ratio_w = h / height, w / width
-            ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-            size = [round(h * 1.0 / ratio), round(w * 1.0 / ratio)]
+            size = _keep_ratio_size((h, w), self.image_size, longest=self.resize_mode == "longest")
+            if self.resize_mode == "shortest":
+                # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation
+                resample = Image.Resampling.BICUBIC
         if [h, w] == size:
             return image
-        return image.resize((size[1], size[0]), _RESAMPLE[self.interpolation])
+        return image.resize((size[1], size[0]), resample)
+
+
+def _keep_ratio_size(source: tuple[int, int], target: tuple[int, int], longest: bool) -> list[int]:
+    """open_clip ResizeKeepRatio: [h, w] scaled to fit the target's shortest (or longest) edge ratio."""
+    ratio_h, ratio_w = source[0] / target[0], source[1] / target[1]
+    ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+    return [round(source[0] * 1.0 / ratio), round(source[1] * 1.0 / ratio)]
 
 
 def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

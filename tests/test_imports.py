@@ -23,6 +23,7 @@ RUNTIME_PATH_MODULES = [
     "rmt_deploy.runtime.backends.tensorrt",
     "rmt_deploy.bench.cli",
     "rmt_deploy.bench.memory",
+    "rmt_deploy.tensorrt_files",
     # need torch to run, but listing or importing them must stay cheap
     "rmt_deploy.export.cli",
     "rmt_deploy.export.tensorrt",

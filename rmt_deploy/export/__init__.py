@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 TARGETS = ("onnx", "trt")
 MODES = ("shared", "folded", "both")
-MASKED_INPUT_KINDS = ("required", "defaults")
+# masked inputs: "required" = plain graph inputs, base values in a separate file;
+# "defaults" = graph inputs whose initializers hold the base values (any client can run it unfed)
+REQUIRED = "required"
+DEFAULTS = "defaults"
+MASKED_INPUT_KINDS = (REQUIRED, DEFAULTS)
 OPSETS = range(18, 24)
 
 __all__ = ["ExportConfig", "export_bundle", "TARGETS", "MODES", "MASKED_INPUT_KINDS", "OPSETS"]

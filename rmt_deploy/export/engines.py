@@ -15,6 +15,7 @@ from rmt_deploy.export import onnx as graphs
 from rmt_deploy.export import tensorrt as rt
 from rmt_deploy.export import verify
 from rmt_deploy.taskpack import TaskPack
+from rmt_deploy.tensorrt_files import engine_file_name
 
 _SCRATCH = ".tensorrt-base.onnx"
 
@@ -42,7 +43,7 @@ def build_bundle_engines(trt: Any, stage: Path, shared_model: Any, files: Mappin
         plan = rt.plan_build(version, shared=True, precision=config.precision, max_batch=config.max_batch,
                              image_shape=image_shape, refittable=tuple(e.weights for e in refit.values()))
         engine = _build_shared(trt, stage, stage / files["base"], refit, base_values, plan)
-        out["base"] = rt.engine_file_name("base", gpu["name"])
+        out["base"] = engine_file_name("base", gpu["name"])
         (stage / out["base"]).write_bytes(engine)
         checks += _check_shared(trt, engine, refit, packs, base_values, images, references, tolerance)
     if files.get("folded"):
@@ -52,7 +53,7 @@ def build_bundle_engines(trt: Any, stage: Path, shared_model: Any, files: Mappin
         out["folded"] = {}
         for pack in packs:
             engine = rt.build_engine(trt, stage / files["folded"][pack.name], folded_plan)
-            relative = rt.engine_file_name(f"{FOLDED_DIR}/{pack.name}", gpu["name"])
+            relative = engine_file_name(f"{FOLDED_DIR}/{pack.name}", gpu["name"])
             (stage / relative).write_bytes(engine)
             out["folded"][pack.name] = relative
             if pack.name in references:

@@ -43,7 +43,7 @@ def half_encoder(visual: Any) -> Any:
 
 def softmax_in_fp32(model: Any) -> int:
     """Wrap every fp16 Softmax of an onnx_ir model in casts to fp32 and back; returns how many."""
-    ir = require("onnx_ir", "onnx")
+    ir = require("onnx_ir", "train")
     graph = model.graph
     wrapped = 0
     for node in list(graph):

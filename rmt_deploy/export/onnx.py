@@ -21,11 +21,6 @@ IMAGE_INPUT = "image"
 EMBEDDING_OUTPUT = "embedding"
 LOGITS_OUTPUT = "logits"
 BATCH_DIM = "batch"
-# masked inputs: "required" = plain graph inputs, base values in a separate file;
-# "defaults" = graph inputs whose initializers hold the base values (any client can run it unfed)
-REQUIRED = "required"
-DEFAULTS = "defaults"
-MASKED_INPUT_KINDS = (REQUIRED, DEFAULTS)
 # protobuf cannot serialise more than 2 GiB; above this many weight bytes, files use external data
 EXTERNAL_DATA_BYTES = 1 << 30
 _TRACE_BATCH = 2  # a trace with batch 1 would fix the batch dimension at 1
@@ -106,7 +101,7 @@ def _relative(name: str) -> str:
 
 def _name_batch_dim(model: Any) -> None:
     """Rename the exporter's symbol for the image batch (e.g. 's40') to 'batch' everywhere."""
-    ir = require("onnx_ir", "onnx")
+    ir = require("onnx_ir", "train")
     image = model.graph.inputs[0]
     symbol = image.shape[0]
     if not isinstance(symbol, ir.SymbolicDim) or symbol.value is None:
@@ -123,7 +118,7 @@ def _name_batch_dim(model: Any) -> None:
 
 def set_defaults(model: Any, base_values: Mapping[str, np.ndarray]) -> None:
     """Give masked inputs (by graph input name) initializer defaults holding the base values."""
-    ir = require("onnx_ir", "onnx")
+    ir = require("onnx_ir", "train")
     inputs = {value.name: value for value in model.graph.inputs}
     for name, array in base_values.items():
         value = inputs[name]
@@ -138,7 +133,7 @@ def fold_task(shared_path: Path, masked_values: Mapping[str, np.ndarray], head: 
     `masked_values` maps graph input name -> masked weight in the input's dtype. Output `logits`
     float32 [batch, classes] = logit_scale * embedding @ head.T, the runtime's formula.
     """
-    ir = require("onnx_ir", "onnx")
+    ir = require("onnx_ir", "train")
     model = ir.load(shared_path)
     graph = model.graph
     inputs = {value.name: value for value in graph.inputs}
@@ -166,7 +161,7 @@ def fold_task(shared_path: Path, masked_values: Mapping[str, np.ndarray], head: 
 
 
 def _constant(graph: Any, name: str, array: np.ndarray) -> Any:
-    ir = require("onnx_ir", "onnx")
+    ir = require("onnx_ir", "train")
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name),
                      type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(array.shape)))
     graph.register_initializer(value)
@@ -180,7 +175,7 @@ def weight_bytes(model: Any) -> int:
 
 def save_model(model: Any, path: Path, metadata: Mapping[str, str] | None = None) -> list[Path]:
     """Save an onnx_ir model; weights above EXTERNAL_DATA_BYTES go to '<name>.data'. Returns files written."""
-    ir = require("onnx_ir", "onnx")
+    ir = require("onnx_ir", "train")
     for key, text in (metadata or {}).items():
         model.metadata_props[key] = str(text)
     if weight_bytes(model) > EXTERNAL_DATA_BYTES:

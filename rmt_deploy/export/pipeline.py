@@ -16,9 +16,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rmt_deploy.bundle import FOLDED_DIR, MANIFEST, TASKS_DIR, Bundle, Manifest, MaskedTensor, Preprocess
+from rmt_deploy.bundle import (FOLDED_DIR, MANIFEST, TASKS_DIR, Bundle, Manifest, MaskedTensor, Preprocess,
+                               file_sha256)
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
-from rmt_deploy.export import ExportConfig
+from rmt_deploy.export import DEFAULTS, ExportConfig
 from rmt_deploy.export import onnx as graphs
 from rmt_deploy.export import verify
 from rmt_deploy.export.report import ExportReport, TaskReport
@@ -114,14 +115,16 @@ def _write_bundle(stage: Path, base: _Base, config: ExportConfig, steps: "_Progr
     for path in stage.glob(_SCRATCH_SHARED + "*"):
         path.unlink()
     with steps.step("writing manifest"):
-        Bundle(stage, _manifest(base, config, all_files, tensorrt_entry)).write_manifest()
+        base_sha = file_sha256(stage / BASE_WEIGHTS) if config.mode != "folded" else ""
+        Bundle(stage, _manifest(base, config, all_files, tensorrt_entry, base_sha)).write_manifest()
     report.files = _file_sizes(stage)
     report.tasks = _task_reports(report.files, base.packs, files)
     if config.verify:
         verify.raise_failures(report.checks)
 
 
-def _manifest(base: _Base, config: ExportConfig, files: dict[str, Any], tensorrt_entry: dict[str, Any]) -> Manifest:
+def _manifest(base: _Base, config: ExportConfig, files: dict[str, Any], tensorrt_entry: dict[str, Any],
+              base_sha: str) -> Manifest:
     return Manifest(
         model_name=config.model_name, pretrained=config.pretrained, fingerprint=base.fingerprint,
         preprocess=base.preprocess,
@@ -129,6 +132,7 @@ def _manifest(base: _Base, config: ExportConfig, files: dict[str, Any], tensorrt
         embed_dim=base.embed_dim, tasks=[p.name for p in base.packs], files=files, max_batch=config.max_batch,
         precision=config.precision, tensorrt=tensorrt_entry, tools=_tool_versions(),
         masked_inputs=config.masked_inputs, base_weights=BASE_WEIGHTS if config.mode != "folded" else "",
+        base_weights_sha256=base_sha,
     )
 
 
@@ -136,7 +140,7 @@ def _write_shared(model: Any, path: Path, base: _Base, config: ExportConfig, sta
     """Save the shared graph (with defaults if asked) and, in shared modes, the base weights file."""
     from safetensors.numpy import save_file
 
-    if config.masked_inputs == graphs.DEFAULTS:
+    if config.masked_inputs == DEFAULTS:
         graphs.set_defaults(model, {base.names[n]: v for n, v in base.values.items()})
     graphs.save_model(model, path, {"rmt_deploy.masked_inputs": config.masked_inputs,
                                     "rmt_deploy.model": config.model_name})

@@ -5,7 +5,8 @@ weights are marked refittable (plain REFIT disables fusions; REFIT_IDENTICAL
 forbids new weights); a task switch refits those weights. Folded mode: one
 plain engine per task. FP16 goes through the strongly typed fp16 ONNX, since
 TensorRT 11 has no FP16 builder flag. Engines are tied to a GPU model and a
-TensorRT version: both are in the file name and the manifest.
+TensorRT version: both are in the file name and the manifest (rmt_deploy.tensorrt_files
+names engine files and says whether one runs here, for export and runtime alike).
 
 The parts that need no GPU (refit map, build plan, names, manifest entries)
 are plain functions; the rest needs `tensorrt` and a CUDA device.
@@ -21,7 +22,6 @@ import numpy as np
 from rmt_deploy.errors import ArtifactError, InternalError, MissingDependencyError
 
 MIN_TENSORRT_MAJOR = 10
-ENGINE_SUFFIX = ".plan"
 REFIT_FLAG = "REFIT_INDIVIDUAL"
 TENSORRT_FP32_TOLERANCE = 1e-4  # relative L2: fp32 kernels with TF32 off still reorder sums
 _NO_TENSORRT = (
@@ -86,17 +86,6 @@ def plan_build(trt_version: str, *, shared: bool, precision: str, max_batch: int
     opt = min(max_batch, 8)
     profile = {input_name: [[1, *image_shape], [opt, *image_shape], [max_batch, *image_shape]]}
     return BuildPlan(flags, cleared, True, tuple(refittable) if shared else (), profile)
-
-
-def gpu_slug(gpu_name: str) -> str:
-    """'NVIDIA H200' -> 'nvidia-h200', for engine file names."""
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
-    return slug or "gpu"
-
-
-def engine_file_name(stem: str, gpu_name: str) -> str:
-    """`base` -> `base.nvidia-h200.plan`: an engine only runs on the GPU model it was built for."""
-    return f"{stem}.{gpu_slug(gpu_name)}{ENGINE_SUFFIX}"
 
 
 def refit_map(model: Any, masked_inputs: Mapping[str, str]) -> dict[str, RefitEntry]:
@@ -191,22 +180,6 @@ def tensorrt_manifest(trt_version: str, gpu: Mapping[str, str], precision: str, 
         "refit": {"flag": REFIT_FLAG, "weights": {k: asdict(v) for k, v in refit.items()}} if refit else {},
         "engines": dict(engines),
     }
-
-
-def engine_mismatch(meta: Mapping[str, Any], gpu_name: str, trt_version: str) -> str | None:
-    """Why an engine recorded in a manifest cannot run here (None if it can): GPU model or TensorRT version.
-
-    TensorRT plans (built without version compatibility) run only on the exact TensorRT
-    version that built them, so the whole version string must match.
-    """
-    built_gpu = meta.get("gpu", {}).get("name")
-    if built_gpu != gpu_name:
-        return f"engine was built for GPU {built_gpu!r}, this GPU is {gpu_name!r}: re-export with --target trt here"
-    built_version = str(meta.get("version", ""))
-    if built_version.strip() != str(trt_version).strip():
-        return (f"engine was built with TensorRT {built_version or '(unknown)'}, this is TensorRT {trt_version}: "
-                "re-export with --target trt on this machine")
-    return None
 
 
 # ---- everything below needs tensorrt and a CUDA device ----

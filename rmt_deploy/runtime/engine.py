@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.bundle import Bundle, file_sha256
 from rmt_deploy.errors import ArtifactError, InputError, UnknownTaskError
 from rmt_deploy.fingerprint import fingerprint_arrays, short
 from rmt_deploy.preprocess import ImageTransform, to_batch
@@ -55,8 +56,21 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
-def _verify_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> None:
-    """Check the base values read from the bundle against its fingerprint (catches a damaged file)."""
+def _check_base_file(bundle: Bundle, path: Path | None) -> bool:
+    """Compare the base weights file the backend reads with the manifest's sha256 (any dtype or
+    layout); False when there is nothing to compare (torch backend, or a manifest without it)."""
+    expected = bundle.manifest.base_weights_sha256
+    if path is None or not expected:
+        return False
+    found = file_sha256(path)
+    if found != expected:
+        raise ArtifactError(f"{path}: sha256 {found[:12]} differs from the manifest's {expected[:12]}: the file "
+                            "is damaged or altered; re-export the bundle")
+    return True
+
+
+def _check_base_fingerprint(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> None:
+    """Fallback for manifests without a sha256: the base values read must give the bundle's fingerprint."""
     if any(s.perm is not None or s.dtype != np.float32 for s in specs):
         return  # stored transposed or in fp16: the fingerprint is over the fp32 open_clip layout
     found = fingerprint_arrays(bundle.manifest.model_name, {s.tensor: arrays[s.key] for s in specs})
@@ -96,16 +110,12 @@ class Engine:
         impl = backends.create(bundle, backend, device, threads)
         pool = None
         try:
+            hashed = _check_base_file(bundle, impl.base_file)  # before any dense buffer is filled
             pool = TaskPool(impl.specs, impl.read_base, cache_tasks, workers=threads)
-            if not getattr(impl, "base_verified", False):
-                _verify_base(bundle, impl.specs, pool.base_arrays())
+            if impl.base_file is not None and not hashed:
+                _check_base_fingerprint(bundle, impl.specs, pool.base_arrays())
             engine = cls(bundle, impl, pool)
-            for name in bundle.tasks:
-                engine._register(read_task(bundle.task_path(name), bundle.manifest.fingerprint,
-                                           engine._shapes(), bundle.manifest.embed_dim))
-            current = task if task is not None else (bundle.tasks[0] if bundle.tasks else None)
-            if current is not None:
-                engine.switch(current)
+            engine._load_tasks(task)
             return engine
         except BaseException:
             if pool is not None:
@@ -122,7 +132,8 @@ class Engine:
 
     @property
     def tasks(self) -> list[str]:
-        return list(self._heads)
+        with self._lock:  # add_task may be inserting a head
+            return list(self._heads)
 
     @property
     def task(self) -> str | None:
@@ -134,11 +145,26 @@ class Engine:
         return self._bundle
 
     @property
+    def cache_stats(self) -> dict[str, int]:
+        """Task-pool counters: hits (cached switches), misses (in-place rewrites), waits, allocations."""
+        return dict(vars(self._pool.stats))
+
+    @property
     def resident_tasks(self) -> list[str]:
         """Tasks whose dense weights are in the pool now, most recently used first."""
         return self._pool.resident()
 
     # ------------------------------------------------------------ tasks
+
+    def _load_tasks(self, current: str | None) -> None:
+        """Register the bundle's tasks and switch to `current` (default: the first)."""
+        bundle = self._bundle
+        for name in bundle.tasks:
+            self._register(read_task(bundle.task_path(name), bundle.manifest.fingerprint, self._shapes(),
+                                     bundle.manifest.embed_dim))
+        current = current if current is not None else (bundle.tasks[0] if bundle.tasks else None)
+        if current is not None:
+            self.switch(current)
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {t.name: tuple(t.shape) for t in self._bundle.manifest.masked_tensors}
@@ -164,10 +190,10 @@ class Engine:
         name = self._task if task is None else task
         if name is None:
             raise InputError("no task selected: pass task=... or call engine.switch(task) first "
-                             f"(available: {', '.join(self._heads) or 'none'})")
+                             f"(available: {', '.join(self.tasks) or 'none'})")
         head = self._heads.get(name)
         if head is None:
-            raise UnknownTaskError(f"task {name!r} not loaded (available: {', '.join(self._heads) or 'none'})")
+            raise UnknownTaskError(f"task {name!r} not loaded (available: {', '.join(self.tasks) or 'none'})")
         return head
 
     def switch(self, task: str) -> None:

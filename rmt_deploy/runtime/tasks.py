@@ -38,7 +38,7 @@ class TaskHead:
 @dataclass(frozen=True)
 class ServingTask:
     head: TaskHead
-    zeros: dict[str, np.ndarray]  # open_clip tensor name -> sorted flat int64 zero indices
+    zeros: dict[str, np.ndarray]  # open_clip tensor name -> sorted flat zero indices (TaskPool compacts them)
 
 
 def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -67,3 +68,21 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_fp32(fp16_bundle):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "fp16"
     assert {t["dtype"] for t in manifest["masked_tensors"]} == {"float16"}
+
+
+def test_fp16_bundle_with_a_flipped_base_weight_byte_is_refused(fp16_bundle, tmp_path):
+    """fp16 base values cannot be checked against the fp32 fingerprint: the file's sha256 catches it."""
+    from rmt_deploy.errors import ArtifactError
+    from rmt_deploy.runtime.engine import Engine
+
+    out, _ = fp16_bundle
+    root = tmp_path / "bundle"
+    shutil.copytree(out, root)
+    path = root / "base_weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte is tensor data: one fp16 value changes slightly
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"base_weights\.safetensors: sha256 .*re-export the bundle"):
+        Engine.load(root, threads=1)
+    with Engine.load(out, threads=1) as engine:  # the intact bundle still loads
+        assert engine.backend == "onnxruntime-cpu"

@@ -1,6 +1,7 @@
 """Shared and folded ONNX bundles on the tiny model: layout, manifest, and agreement with torch."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -108,8 +109,11 @@ def test_folded_model_is_plain_onnx_image_to_logits(bundle_dir):
 def test_manifest_is_json_with_every_documented_field(bundle_dir):
     data = json.loads((bundle_dir / "manifest.json").read_text())
     for key in ("format", "version", "model_name", "pretrained", "fingerprint", "preprocess", "masked_tensors",
-                "output_kind", "tasks", "files", "tools", "masked_inputs", "base_weights", "precision"):
+                "output_kind", "tasks", "files", "tools", "masked_inputs", "base_weights", "base_weights_sha256",
+                "precision"):
         assert key in data, key
+    digest = hashlib.sha256((bundle_dir / data["base_weights"]).read_bytes()).hexdigest()
+    assert data["base_weights_sha256"] == digest
     assert set(data["preprocess"]) >= {"image_size", "mean", "std", "interpolation", "resize_mode"}
     assert set(data["masked_tensors"][0]) == {"name", "shape", "dtype", "input_name"}
 
@@ -169,5 +173,5 @@ def test_folded_mode_writes_no_shared_graph(tiny_checkpoint, task_files, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["folded", "manifest.json", "tasks"]
     manifest = Bundle.open(out).manifest
     assert manifest.files == {"onnx": {"folded": {"alpha": "folded/alpha.onnx", "beta": "folded/beta.onnx"}}}
-    assert manifest.base_weights == ""
+    assert manifest.base_weights == "" and manifest.base_weights_sha256 == ""
     assert {c.kind for c in report.checks} == {"folded"}

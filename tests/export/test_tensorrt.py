@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rmt_deploy.errors import MissingDependencyError
+from rmt_deploy import tensorrt_files as files
 from rmt_deploy.export import tensorrt as rt
 
 TINY_MODEL = "rmt-tiny-vit"
@@ -47,24 +48,24 @@ def test_tensorrt_older_than_10_is_refused():
 
 
 def test_engine_files_are_named_after_the_gpu():
-    assert rt.engine_file_name("base", "NVIDIA H200") == "base.nvidia-h200.plan"
-    assert rt.engine_file_name("folded/dtd", "NVIDIA GeForce RTX 4090") == "folded/dtd.nvidia-geforce-rtx-4090.plan"
+    assert files.engine_file_name("base", "NVIDIA H200") == "base.nvidia-h200.plan"
+    assert files.engine_file_name("folded/dtd", "NVIDIA GeForce RTX 4090") == "folded/dtd.nvidia-geforce-rtx-4090.plan"
 
 
 def test_engine_mismatch_names_gpu_or_version():
     meta = {"version": "10.8.0.43", "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"}}
-    assert rt.engine_mismatch(meta, "NVIDIA H200", "10.8.0.43") is None
-    assert "built for GPU 'NVIDIA H200'" in rt.engine_mismatch(meta, "NVIDIA L4", "10.8.0.43")
-    assert "TensorRT 10.8.0.43" in rt.engine_mismatch(meta, "NVIDIA H200", "11.0.0")
+    assert files.engine_mismatch(meta, "NVIDIA H200", "10.8.0.43") is None
+    assert "built for GPU 'NVIDIA H200'" in files.engine_mismatch(meta, "NVIDIA L4", "10.8.0.43")
+    assert "TensorRT 10.8.0.43" in files.engine_mismatch(meta, "NVIDIA H200", "11.0.0")
 
 
 def test_engine_mismatch_compares_the_full_tensorrt_version():
     """A plan runs only on the TensorRT version that built it: a different build number is a mismatch."""
     meta = {"version": "10.8.0.43", "gpu": {"name": "NVIDIA H200"}}
-    why = rt.engine_mismatch(meta, "NVIDIA H200", "10.8.0.44")
+    why = files.engine_mismatch(meta, "NVIDIA H200", "10.8.0.44")
     assert why is not None
     assert "10.8.0.43" in why and "10.8.0.44" in why and "--target trt on this machine" in why
-    assert rt.engine_mismatch({"gpu": {"name": "NVIDIA H200"}}, "NVIDIA H200", "10.8.0.43") is not None
+    assert files.engine_mismatch({"gpu": {"name": "NVIDIA H200"}}, "NVIDIA H200", "10.8.0.43") is not None
 
 
 def _graph_with_uses(uses: list[tuple[str, list[int] | None]], shape=(4, 6)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ import pytest
 from rmt_deploy.cli import main
 from rmt_deploy.errors import (ArtifactError, IncompatibleBaseError, InputError, MissingDependencyError,
                                UnknownTaskError)
+from rmt_deploy.runtime import backends
 from rmt_deploy.runtime.engine import Engine
+from rmt_deploy.runtime.taskpool import TensorSpec
 
 pytest.importorskip("onnxruntime")
 
@@ -108,6 +111,29 @@ def test_corrupted_bundle_file_is_an_artifact_error(damaged, relative, how):
         Engine.load(root, threads=1)
     message = str(info.value)
     assert "\n" not in message and relative.split("/")[-1] in message or "fingerprint" in message
+
+
+def test_damaged_base_weights_are_caught_by_their_sha256_whatever_the_backend_layout(damaged, monkeypatch):
+    """The file hash is checked before any layout matters: a transposed fp16 backend sees it too."""
+    root = damaged("base_weights.safetensors", "flip")
+    closed = []
+    spec = TensorSpec("w", (4, 6), np.dtype(np.float16), "blocks.0.w", perm=(1, 0))
+    fake = SimpleNamespace(base_file=root / "base_weights.safetensors", specs=[spec], concurrent=False,
+                           read_base=lambda spec, out: pytest.fail("read the base before checking it"),
+                           close=lambda: closed.append(True))
+    monkeypatch.setattr(backends, "create", lambda *args: fake)
+    with pytest.raises(ArtifactError, match=r"base_weights\.safetensors: sha256 .*re-export the bundle"):
+        Engine.load(root)
+    assert closed == [True]
+
+
+def test_manifest_without_base_sha256_falls_back_to_the_fingerprint(damaged):
+    root = damaged("base_weights.safetensors", "flip")
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest.pop("base_weights_sha256")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="fingerprint .*re-export the bundle"):
+        Engine.load(root, threads=1)
 
 
 def test_missing_bundle_file_is_an_artifact_error(onnx_bundle, tmp_path):

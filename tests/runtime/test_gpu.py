@@ -115,6 +115,19 @@ def test_onnxruntime_cuda_iobinding_matches_cpu(request, images):
                                        rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.gpu
+def test_auto_on_cuda_runs_torch_on_cuda_when_onnxruntime_has_no_cuda_provider(request, packs, images, reference):
+    _cuda_torch()
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA execution provider: auto picks it")
+    onnx_bundle = request.getfixturevalue("onnx_bundle")
+    with Engine.load(onnx_bundle, device="cuda", cache_tasks=1) as engine:
+        assert engine.backend == "torch-cuda"  # onnx_bundle has no TensorRT engine
+        np.testing.assert_allclose(engine.predict(images, task="beta").logits, reference(packs["beta"], images),
+                                   rtol=1e-3, atol=1e-3)
+
+
 # ---- TensorRT backend, pure parts (CPU) ----
 
 def _trt_manifest(perm=(1, 0), dtype="float32", weights_shape=None):

@@ -1,10 +1,13 @@
 """The runtime path (preprocess, engine, CLI, ONNX Runtime and TensorRT backends) never imports torch."""
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +17,13 @@ HEAVY = ["torch", "torchvision", "open_clip"]
 MODULES = ["rmt_deploy.preprocess", "rmt_deploy.runtime.engine", "rmt_deploy.runtime.cli",
            "rmt_deploy.runtime.taskpool", "rmt_deploy.runtime.tasks", "rmt_deploy.runtime.baseweights",
            "rmt_deploy.runtime.backends", "rmt_deploy.runtime.backends.onnxruntime",
-           "rmt_deploy.runtime.backends.tensorrt"]
+           "rmt_deploy.runtime.backends.tensorrt", "rmt_deploy.tensorrt_files"]
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    prelude = "import sys\nfor _n in %r:\n    sys.modules[_n] = None\n" % (HEAVY,)
+def _run(code: str, block_heavy: bool = True) -> subprocess.CompletedProcess:
+    prelude = "import sys\n"
+    if block_heavy:  # make `import torch` (etc.) raise ImportError
+        prelude += "for _n in %r:\n    sys.modules[_n] = None\n" % (HEAVY,)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=120)
 
@@ -43,7 +48,6 @@ def test_engine_loads_and_predicts_with_torch_unimportable(onnx_bundle, tmp_path
                   "--top-k", "2", {str(image)!r}])
         except SystemExit as exc:
             assert not exc.code, exc.code
-        assert not [m for m in {HEAVY!r} if sys.modules.get(m) is not None]
     """)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -63,3 +67,32 @@ def test_torch_backend_without_torch_names_the_extra(onnx_bundle):
             print(exc)
     """)
     assert "rmt-deploy[train]" in result.stdout, result.stderr
+
+
+def test_serving_with_torch_installed_never_loads_it(onnx_bundle):
+    """Nothing blocked this time: torch is importable, and serving must still not import it."""
+    pytest.importorskip("onnxruntime")
+    result = _run(f"""
+        import importlib
+        import numpy as np
+        for module in {MODULES!r}:
+            importlib.import_module(module)
+        from rmt_deploy import Engine
+        with Engine.load({str(onnx_bundle.root)!r}, task="beta") as engine:
+            engine.predict(np.zeros((40, 30, 3), np.uint8))
+            engine.switch("alpha")
+        print(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r} or m.startswith("rmt_deploy.export")))
+    """, block_heavy=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_runtime_modules_never_import_export():
+    """The runtime reads bundles; export writes them. Shared code lives in neutral modules."""
+    import rmt_deploy.runtime
+
+    pattern = re.compile(r"^\s*(from|import)\s+rmt_deploy\.export\b", re.MULTILINE)
+    sources = [*Path(rmt_deploy.runtime.__file__).parent.rglob("*.py")]
+    sources += [Path(importlib.import_module(m).__file__) for m in ("rmt_deploy.preprocess", "rmt_deploy.bundle")]
+    offenders = [str(p) for p in sources if pattern.search(p.read_text())]
+    assert not offenders

@@ -29,6 +29,8 @@ def _real_images():
     ((224, 224), "shortest", "bicubic"),
     ((32, 32), "shortest", "bicubic"),
     ((160, 224), "shortest", "bicubic"),
+    ((160, 224), "shortest", "bilinear"),  # open_clip resizes a non-square "shortest" bicubic regardless
+    ((224, 160), "shortest", "bilinear"),
     ((224, 224), "longest", "bicubic"),
     ((96, 128), "squash", "bilinear"),
 ])

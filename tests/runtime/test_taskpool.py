@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rmt_deploy.errors import InputError, UnknownTaskError
-from rmt_deploy.runtime.taskpool import TaskPool, TensorSpec
+from rmt_deploy.runtime.taskpool import TaskPool, TensorSpec, compact_indices
 
 SHAPES = {"a": (6, 5), "b": (7,), "c": (3, 2, 4)}
 
@@ -98,9 +98,68 @@ def test_a_leased_buffer_is_never_rewritten_until_released():
 
 
 def test_tasks_are_stored_compactly():
-    pool, _, _, _ = _setup(1, zeros=0.025)
-    dense = sum(int(np.prod(s)) * 4 for s in SHAPES.values())
-    assert pool.task_nbytes("t0") < 0.3 * dense  # 8 bytes per zero vs 4 per weight
+    pool, _, masks, _ = _setup(1, zeros=0.025)
+    zeros = sum(int((~m).sum()) for m in masks["t0"].values())
+    assert pool.task_nbytes("t0") == 8 * zeros  # int32 index + fp32 base value per zero
+
+
+def test_int64_indices_are_stored_as_int32_and_rewrites_stay_exact():
+    pool, base, masks, _ = _setup(1, tasks=("t0",), zeros=0.4)
+    rng = np.random.default_rng(4)
+    masks["wide"] = {k: rng.random(s) >= 0.4 for k, s in SHAPES.items()}
+    pool.add("wide", {k: np.flatnonzero(~m).astype(np.int64) for k, m in masks["wide"].items()})
+    assert {a.dtype for a in pool._tasks["wide"].zeros.values()} == {np.dtype(np.int32)}
+    for task in ["wide", "t0", "wide", "t0"]:  # one buffer: every switch rewrites it in place
+        with pool.lease(task) as lease:
+            _check(lease, base, masks)
+
+
+def test_indices_stay_int64_for_tensors_of_2_to_the_31_elements_or_more():
+    idx = np.array([0, 5, 2**31 - 1], np.int64)
+    assert compact_indices(idx, 2**31 - 1).dtype == np.int32
+    assert compact_indices(idx, 2**31).dtype == np.int64
+
+
+def _wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_acquire_waiting_when_the_pool_closes_gets_input_error():
+    pool, _, _, _ = _setup(1)
+    held = pool.acquire("t0")  # the only buffer: the next acquire waits
+    errors: list[BaseException] = []
+
+    def waiter():
+        try:
+            pool.release(pool.acquire("t1"))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    blocked = threading.Thread(target=waiter)
+    blocked.start()
+    _wait_for(lambda: pool.stats.waits >= 1)
+    closer = threading.Thread(target=pool.close)  # waits for `held`, but wakes the waiter at once
+    closer.start()
+    blocked.join(5)
+    alive = blocked.is_alive()
+    pool.release(held)
+    closer.join(5)
+    blocked.join(5)
+    assert not alive, "acquire kept waiting on a closed pool"
+    assert not closer.is_alive() and not blocked.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], InputError) and "closed" in str(errors[0]), errors
+
+
+def test_add_and_acquire_after_close_are_input_errors():
+    pool, _, _, _ = _setup(1)
+    pool.close()
+    with pytest.raises(InputError, match="closed"):
+        pool.add("late", {k: np.zeros(0, np.int64) for k in SHAPES})
+    with pytest.raises(InputError, match="closed"):
+        pool.acquire("t0")
 
 
 def test_unknown_task_duplicate_task_and_bad_capacity():

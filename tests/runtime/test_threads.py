@@ -33,6 +33,8 @@ def _stress(engine: Engine, images: np.ndarray, threads: int = 4, calls: int = 8
         thread.start()
     for thread in pool:
         thread.join(120)
+    hung = [thread.name for thread in pool if thread.is_alive()]
+    assert not hung, f"threads still running after 120 s: {hung}"
     assert not failures, failures
 
 

@@ -2,6 +2,7 @@
 
 A backend exposes `specs` (the masked tensors under the keys it is fed by),
 `read_base(spec, out)` (the base values, read once into the pool's first buffer),
+`base_file` (the file they come from, which the engine checks; None if the backend checks its base),
 `run(batch, lease) -> embeddings` and `close()`. `concurrent` says whether runs on
 different leases may overlap; if not, the engine serialises them.
 Each backend module imports its library lazily; asking for a missing one raises
@@ -10,6 +11,8 @@ MissingDependencyError naming the extra.
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,12 +22,14 @@ from rmt_deploy.errors import InputError, MissingDependencyError
 from rmt_deploy.runtime.taskpool import Lease, TensorSpec
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+CUDA_EP = "CUDAExecutionProvider"
 
 
 class Backend(Protocol):
     name: str
     concurrent: bool
     specs: list[TensorSpec]
+    base_file: Path | None  # the bundle file read_base reads (sha256-checked by the engine); None for torch
 
     def read_base(self, spec: TensorSpec, out: np.ndarray) -> None: ...
 
@@ -49,27 +54,85 @@ def _installed(module: str) -> bool:
         return False
 
 
-def choose(bundle: Bundle, backend: str, device: str) -> str:
-    """Resolve 'auto': TensorRT (engine for this GPU), else ORT (CUDA EP on cuda), else torch."""
+# ---- availability probes: one per backend, never raising; tests replace them ----
+
+def _tensorrt_engine(bundle: Bundle, index: int) -> bool:
+    """The bundle has an engine for GPU `index` and this TensorRT, and tensorrt + cuda-python load."""
+    from rmt_deploy.runtime.backends.tensorrt import engine_for_device
+
+    return engine_for_device(bundle, index) is not None
+
+
+def _ort_providers() -> list[str]:
+    """ONNX Runtime's execution providers; [] when it is not installed or does not load."""
+    if not _installed("onnxruntime"):
+        return []
+    try:
+        import onnxruntime
+    except Exception:  # noqa: BLE001 - a broken native install (missing library) counts as absent
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def _torch_runs() -> bool:
+    return _installed("torch") and _installed("open_clip")
+
+
+def _torch_cuda() -> bool:
+    """torch and open_clip are installed and torch sees a CUDA device (imports torch: probed last)."""
+    if not _torch_runs():
+        return False
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - as for onnxruntime
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _shared_onnx(bundle: Bundle) -> bool:
+    files = bundle.manifest.files.get("onnx")
+    return isinstance(files, dict) and bool(files.get("base"))
+
+
+def _auto_cuda(bundle: Bundle, index: int) -> str | None:
+    if _tensorrt_engine(bundle, index):
+        return "tensorrt"
+    if _shared_onnx(bundle) and CUDA_EP in _ort_providers():
+        return "onnxruntime"
+    if _torch_cuda():
+        return "torch"
+    return None
+
+
+def _auto_cpu(bundle: Bundle) -> str | None:
+    if _shared_onnx(bundle) and _ort_providers():
+        return "onnxruntime"
+    return "torch" if _torch_runs() else None
+
+
+def choose(bundle: Bundle, backend: str, device: str) -> tuple[str, str]:
+    """Resolve (backend, device). An explicit backend runs on `device` or fails saying why.
+
+    'auto' on 'cuda[:N]': TensorRT (the bundle has an engine for this GPU and tensorrt loads),
+    else ONNX Runtime with its CUDA provider, else torch on CUDA (honours the device where ORT
+    cannot), else the CPU order below, with a RuntimeWarning. 'auto' on 'cpu': ONNX Runtime,
+    else torch. The ONNX Runtime choices need the bundle's shared base.onnx.
+    """
     if backend not in BACKENDS:
         raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     kind, index = parse_device(device)
     if backend != "auto":
-        return backend
-    if kind == "cuda" and _installed("tensorrt"):
-        from rmt_deploy.runtime.backends import tensorrt as trt_backend
-
-        if trt_backend.engine_for_device(bundle, index) is not None:
-            return "tensorrt"
-    if "onnx" in bundle.manifest.files and _installed("onnxruntime"):
-        if kind == "cpu":
-            return "onnxruntime"
-        import onnxruntime
-
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            return "onnxruntime"
-    if _installed("torch") and _installed("open_clip"):
-        return "torch"
+        return backend, device
+    if kind == "cuda":
+        name = _auto_cuda(bundle, index)
+        if name is not None:
+            return name, device
+        warnings.warn(f"device {device!r}: no backend here runs on CUDA (no TensorRT engine for this GPU, no "
+                      "onnxruntime CUDA provider, no CUDA torch); running on the CPU. Install "
+                      "'rmt-deploy[gpu]' or pass device='cpu'", RuntimeWarning, stacklevel=4)  # the Engine.load caller
+    name = _auto_cpu(bundle)
+    if name is not None:
+        return name, "cpu"
     raise MissingDependencyError(
         f"no backend can run this bundle on {device}: install onnxruntime "
         "(pip install 'rmt-deploy[onnx]', or '[gpu]' for CUDA) or torch ('rmt-deploy[train]')"
@@ -77,10 +140,10 @@ def choose(bundle: Bundle, backend: str, device: str) -> str:
 
 
 def create(bundle: Bundle, backend: str, device: str, threads: int | None) -> Any:
-    """Build the backend object for a resolved backend name."""
+    """Build the backend object that `choose` picks."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InputError(f"threads={threads!r} must be a positive integer or None")
-    name = choose(bundle, backend, device)
+    name, device = choose(bundle, backend, device)
     if name == "onnxruntime":
         from rmt_deploy.runtime.backends.onnxruntime import OrtBackend as cls
     elif name == "torch":

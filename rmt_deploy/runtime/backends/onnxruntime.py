@@ -16,12 +16,9 @@ import numpy as np
 
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import ArtifactError, MissingDependencyError, require
-from rmt_deploy.runtime.backends import parse_device
+from rmt_deploy.runtime.backends import CUDA_EP, parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
 from rmt_deploy.runtime.taskpool import Lease, TensorSpec
-
-CUDA_EP = "CUDAExecutionProvider"
-
 
 def onnx_files(bundle: Bundle) -> dict[str, Any]:
     files = bundle.manifest.files.get("onnx")
@@ -59,6 +56,7 @@ class OrtBackend:
         files = onnx_files(bundle)
         model_path = bundle.file(files["base"])
         self.weights = SafetensorsReader(bundle.file(weights_file(bundle, files)))
+        self.base_file = self.weights.path
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

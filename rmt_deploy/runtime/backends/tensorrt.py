@@ -26,6 +26,7 @@ from rmt_deploy.errors import ArtifactError, InputError, InternalError, MissingD
 from rmt_deploy.runtime.backends import parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
 from rmt_deploy.runtime.taskpool import Lease, TensorSpec
+from rmt_deploy.tensorrt_files import engine_mismatch
 
 _INSTALL = "pip install 'rmt-deploy[trt]' on a machine with an NVIDIA GPU and driver"
 _REEXPORT = "re-export the bundle with --target trt on this machine"
@@ -36,8 +37,9 @@ WEIGHT_TYPES = {"float32": "FLOAT", "float16": "HALF"}
 def _import_tensorrt() -> Any:
     try:
         import tensorrt
-    except ImportError as exc:
-        raise MissingDependencyError(f"TensorRT is not installed ({exc}): {_INSTALL}") from None
+    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError etc. from a missing libnvinfer or driver
+        raise MissingDependencyError(f"TensorRT is not installed or does not load ({type(exc).__name__}: {exc}): "
+                                     f"{_INSTALL}") from None
     return tensorrt
 
 
@@ -47,8 +49,11 @@ def _import_cudart() -> Any:
     except ImportError:
         try:
             from cuda import cudart
-        except ImportError as exc:
-            raise MissingDependencyError(f"cuda-python is not installed ({exc}): {_INSTALL}") from None
+        except Exception as exc:  # noqa: BLE001 - as for tensorrt
+            raise MissingDependencyError(f"cuda-python is not installed or does not load "
+                                         f"({type(exc).__name__}: {exc}): {_INSTALL}") from None
+    except Exception as exc:  # noqa: BLE001 - as for tensorrt
+        raise MissingDependencyError(f"cuda-python does not load ({type(exc).__name__}: {exc}): {_INSTALL}") from None
     return cudart
 
 
@@ -74,14 +79,16 @@ def gpu_name(index: int) -> str | None:
 
 
 def engine_for_device(bundle: Bundle, index: int) -> Path | None:
-    """The bundle's shared engine if it was built for this GPU model and TensorRT version."""
-    from rmt_deploy.export.tensorrt import engine_mismatch
-
+    """The bundle's shared engine if it was built for this GPU model and TensorRT version;
+    None when it was not, or tensorrt, cuda-python or the device is unavailable."""
     relative = bundle.manifest.files.get("tensorrt", {}).get("base")
-    name = gpu_name(index)
-    if not relative or name is None:
+    name = gpu_name(index) if relative else None
+    if name is None:
         return None
-    trt = _import_tensorrt()
+    try:
+        trt = _import_tensorrt()
+    except MissingDependencyError:
+        return None
     if engine_mismatch(bundle.manifest.tensorrt, name, str(trt.__version__)) is not None:
         return None
     path = bundle.root / relative
@@ -178,62 +185,74 @@ class TensorRTBackend:
     concurrent = False
 
     def __init__(self, bundle: Bundle, device: str, threads: int | None):
-        from rmt_deploy.export.tensorrt import engine_mismatch
-
-        trt, cudart = _import_tensorrt(), _import_cudart()
-        self.trt, self.cudart = trt, cudart
+        self.trt, self.cudart = _import_tensorrt(), _import_cudart()
         self.stream = None
         self.refitter = self.context = self.engine = None
         self._slots: dict[int, _DeviceSlot] = {}
         self._image = self._embedding = 0
+        self._active: tuple[int, int] | None = None
+        self.name = "tensorrt"
+        manifest = bundle.manifest
+        self.input_name, self.output_name = manifest.input_name, manifest.output_name
+        self.max_batch = int(manifest.max_batch)
+        self.image_shape = (3, *(int(d) for d in manifest.preprocess.image_size))
+        self.embed_dim = int(manifest.embed_dim)
+        path = self._engine_path(bundle, device)
+        self.specs = tensor_specs(manifest)  # before any CUDA allocation: a bad map fails cheaply
+        self._load_engine(path)
+        self.stream = _check(self.cudart, self.cudart.cudaStreamCreate())
+        try:  # from here on a failure frees what was allocated
+            self.weights = SafetensorsReader(bundle.file(manifest.base_weights or "base_weights.safetensors"))
+            self.base_file = self.weights.path
+            self._allocate_buffers(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _engine_path(self, bundle: Bundle, device: str) -> Path:
+        """The bundle's shared engine, checked to fit this GPU and TensorRT; sets the device index."""
         kind, index = parse_device(device)
         if kind != "cuda":
             raise MissingDependencyError("the TensorRT backend runs on a GPU: pass device='cuda'")
-        manifest = bundle.manifest
-        relative = manifest.files.get("tensorrt", {}).get("base")
+        relative = bundle.manifest.files.get("tensorrt", {}).get("base")
         if not relative:
             raise ArtifactError(f"bundle {bundle.root} has no shared TensorRT engine; export it with "
                                 "--target trt --mode shared or both on this GPU")
         name = gpu_name(index)
         if name is None:
             raise MissingDependencyError(f"no CUDA device {index} is visible: {_INSTALL}")
-        why = engine_mismatch(manifest.tensorrt, name, str(trt.__version__))
+        why = engine_mismatch(bundle.manifest.tensorrt, name, str(self.trt.__version__))
         if why:
             raise ArtifactError(f"{bundle.root / relative}: {why}")
-        self.specs = tensor_specs(manifest)  # before any CUDA allocation: a bad map fails cheaply
         self.device_index = index
+        return bundle.file(relative)
+
+    def _load_engine(self, path: Path) -> None:
+        """Deserialise the engine, check its I/O against the manifest, create the execution context."""
+        trt = self.trt
         self._use_device()
-        self.name = "tensorrt"
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(bundle.file(relative).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise ArtifactError(f"{bundle.root / relative}: TensorRT cannot deserialize the engine; {_REEXPORT}")
-        self.input_name, self.output_name = manifest.input_name, manifest.output_name
-        self.max_batch = int(manifest.max_batch)
-        self.image_shape = (3, *(int(d) for d in manifest.preprocess.image_size))
-        self.embed_dim = int(manifest.embed_dim)
+            raise ArtifactError(f"{path}: TensorRT cannot deserialize the engine; {_REEXPORT}")
         why = engine_io_mismatch(self._engine_io(), self.input_name, self.output_name, self.max_batch,
                                  self.image_shape, self.embed_dim)
         if why:
-            raise ArtifactError(f"{bundle.root / relative}: {why}; {_REEXPORT}")
-        self._active: tuple[int, int] | None = None
+            raise ArtifactError(f"{path}: {why}; {_REEXPORT}")
         self.context = self.engine.create_execution_context()
-        self.stream = _check(cudart, cudart.cudaStreamCreate())
-        try:  # from here on a failure frees what was allocated
-            self.weights = SafetensorsReader(bundle.file(manifest.base_weights or "base_weights.safetensors"))
-            self._types = {spec.key: getattr(trt.DataType, WEIGHT_TYPES[spec.dtype.name]) for spec in self.specs}
-            self._image = self._malloc(self.max_batch * int(np.prod(self.image_shape)) * 4)
-            self._embedding = self._malloc(self.max_batch * self.embed_dim * 4)
-            self.refitter = trt.Refitter(self.engine, self.logger)
-            self.refitter.weights_validation = False  # export checked every refit against torch; skip the scan
-            missing = {spec.key for spec in self.specs} - set(self.refitter.get_all_weights())
-            if missing:
-                raise ArtifactError(f"{bundle.root / relative}: engine has no refittable weights "
-                                    f"{sorted(missing)}; {_REEXPORT}")
-        except BaseException:
-            self.close()
-            raise
+
+    def _allocate_buffers(self, path: Path) -> None:
+        """Device buffers for the image batch and the embeddings, and the Refitter over the masked weights."""
+        trt = self.trt
+        self._types = {spec.key: getattr(trt.DataType, WEIGHT_TYPES[spec.dtype.name]) for spec in self.specs}
+        self._image = self._malloc(self.max_batch * int(np.prod(self.image_shape)) * 4)
+        self._embedding = self._malloc(self.max_batch * self.embed_dim * 4)
+        self.refitter = trt.Refitter(self.engine, self.logger)
+        self.refitter.weights_validation = False  # export checked every refit against torch; skip the scan
+        missing = {spec.key for spec in self.specs} - set(self.refitter.get_all_weights())
+        if missing:
+            raise ArtifactError(f"{path}: engine has no refittable weights {sorted(missing)}; {_REEXPORT}")
 
     # ------------------------------------------------------------ checks
 

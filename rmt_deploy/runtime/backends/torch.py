@@ -49,6 +49,7 @@ class TorchBackend:
                 f"{short(manifest.fingerprint)}: pass the checkpoint the bundle was exported from"
             )
         self.model = model.eval()
+        self.base_file = None  # the base comes from the model, fingerprint-checked above
         self.specs = [TensorSpec(n, tuple(p.shape), np.dtype(str(p.dtype).replace("torch.", "")), n)
                       for n, p in self.params.items()]
         self._active: tuple[int, int] | None = None
