@@ -19,8 +19,19 @@ from rmt_deploy.errors import InputError
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size in MiB.
+
+    On Linux this is VmHWM, the high-water mark of this process image: unlike
+    getrusage's ru_maxrss it does not inherit the parent's peak across fork + exec.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def measure(bundle: str, variant: str, tasks: list[str], cache_tasks: int, threads: int | None,

@@ -78,3 +78,16 @@ def test_missing_bundle_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--bundle", str(tmp_path / "nope")])
     assert exit_info.value.code == 1 and "no such bundle directory" in capsys.readouterr().err
+
+
+def test_peak_rss_of_a_child_does_not_inherit_the_parents_peak():
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(250_000_000 // 8)  # the parent touches 250 MB
+    child = subprocess.run([sys.executable, "-c", "from rmt_deploy.bench.memory import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, timeout=120)
+    assert ballast.sum() > 0 and child.returncode == 0, child.stderr
+    assert 5 < float(child.stdout) < 200
