@@ -1,7 +1,7 @@
 """TaskPool: a small LRU of dense masked-weight buffers, rewritten in place on a miss.
 
 Each task is held compactly: per masked tensor, the sorted flat indices of its zeroed
-weights (int32 below 2**31 elements) and the base values at those indices (a few
+weights (numpy's native intp) and the base values at those indices (a few
 percent of the weights). No dense base copy is kept: a buffer holding task A becomes
 task B by writing A's saved base values back and zeroing B's indices, which touches a
 few percent of the memory.
@@ -21,14 +21,12 @@ import numpy as np
 from rmt_deploy.errors import InputError, InternalError, UnknownTaskError
 
 BASE = "<base>"  # pseudo-task: the unmasked base values
-_INT32_SIZE_LIMIT = 2**31  # tensors with fewer elements index their weights with int32
 
 
-def compact_indices(idx: np.ndarray, size: int) -> np.ndarray:
-    """Flat indices into a tensor of `size` elements as int32 when it has fewer than 2**31 (every ViT
-    weight), else int64: 8 instead of 12 bytes per fp32 zero in the task store."""
-    dtype = np.int32 if size < _INT32_SIZE_LIMIT else np.int64
-    return np.ascontiguousarray(idx, dtype=dtype)
+def index_array(idx: np.ndarray) -> np.ndarray:
+    """Flat indices as numpy's native index type (intp): scattering with int32 indices casts
+    them on every call and measured twice as slow, which the uncached switch cannot afford."""
+    return np.ascontiguousarray(idx, dtype=np.intp)
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class TensorSpec:
 
 @dataclass
 class _TaskWeights:
-    zeros: dict[str, np.ndarray]    # key -> sorted flat indices of zeroed weights (compact_indices)
+    zeros: dict[str, np.ndarray]    # key -> sorted flat indices of zeroed weights (index_array)
     restore: dict[str, np.ndarray]  # key -> base values at those indices
 
     @property
@@ -148,7 +146,7 @@ class TaskPool:
         """Register a task by the sorted flat zero indices of each masked tensor."""
         if set(zeros) != set(self.specs):
             raise InputError(f"task {task!r} masks {sorted(zeros)}, the pool holds {sorted(self.specs)}")
-        zeros = {key: compact_indices(idx, self.specs[key].size) for key, idx in zeros.items()}
+        zeros = {key: index_array(idx) for key, idx in zeros.items()}
         with self._cond:
             self._check_open()
             if task in self._tasks:
