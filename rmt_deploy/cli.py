@@ -13,7 +13,7 @@ import sys
 import click
 
 from rmt_deploy import __version__
-from rmt_deploy.errors import RmtError
+from rmt_deploy.errors import RmtError, missing_dependency
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS = {
@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="rmt-deploy", standalone_mode=False)
     except RmtError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except ModuleNotFoundError as exc:  # an optional package a command needs is not installed
+        missing = missing_dependency(exc)
+        if missing is None:
+            raise
+        click.echo(f"error: {missing}", err=True)
         sys.exit(1)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("interrupted", err=True)

@@ -30,6 +30,25 @@ class InternalError(Exception):
     """A bug in rmt-deploy, not in the user's input."""
 
 
+# top-level optional module -> the extra that installs it
+EXTRA_FOR_MODULE = {
+    "torch": "train", "torchvision": "train", "open_clip": "train", "onnxscript": "train", "onnx_ir": "train",
+    "onnx": "onnx", "onnxruntime": "onnx",
+    "tensorrt": "trt", "cuda": "trt",
+    "skimage": "demo", "sklearn": "demo", "matplotlib": "demo",
+    "jsonschema": "dev", "pytest": "dev", "hypothesis": "dev",
+}
+
+
+def missing_dependency(exc: ModuleNotFoundError) -> MissingDependencyError | None:
+    """The MissingDependencyError for an optional module that failed to import, or None."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_FOR_MODULE.get(module)
+    if extra is None:
+        return None
+    return MissingDependencyError(f"{module} is not installed; install it with: pip install 'rmt-deploy[{extra}]'")
+
+
 def require(module: str, extra: str):
     """Import an optional module or raise MissingDependencyError naming the extra."""
     import importlib

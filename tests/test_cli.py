@@ -79,3 +79,22 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_unknown_command_is_a_usage_error(capsys):
     code, _, err = _run(["frobnicate"], capsys)
     assert code == 2 and "No such command" in err
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--model", "rmt-tiny-vit", "--dataset", "dtd", "--data-root", ".", "--out", "out"],
+    ["eval", "--task", "a.rmtask", "--dataset", "dtd", "--data-root", "."],
+    ["demo", "--fast"],
+])
+def test_command_without_its_extra_names_the_extra(tmp_path, command):
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'torchvision', 'open_clip'):\n"
+        "    sys.modules[name] = None\n"
+        "from rmt_deploy.cli import main\n"
+        f"main({command!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("pip install 'rmt-deploy[train]'")
