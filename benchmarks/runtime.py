@@ -70,12 +70,9 @@ def prepare(model_name: str, zeros: float, work: Path) -> Path:
 # ---------------------------------------------------------------- measurements (no torch)
 
 def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    from rmt_deploy.bench.timing import summarize_ms, time_call
+
+    return summarize_ms([time_call(fn) for _ in range(repeats)])["p50"]
 
 
 def _engine(work: Path, threads: int, cache_tasks: int):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmt_deploy.errors import ArtifactError, UnknownTaskError
+from rmt_deploy.errors import ArtifactError, UnknownTaskError, check_format
 from rmt_deploy.taskpack import SUFFIX, TaskPack, write_atomic
 
 MANIFEST = "manifest.json"
@@ -89,13 +89,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        if data.get("format") != BUNDLE_FORMAT:
-            raise ArtifactError(f"manifest format {data.get('format')!r} is not {BUNDLE_FORMAT!r}")
-        if data.get("version") != BUNDLE_VERSION:
-            raise ArtifactError(
-                f"bundle version {data.get('version')!r} is not supported "
-                f"(this rmt-deploy reads {BUNDLE_VERSION}); re-export or upgrade rmt-deploy"
-            )
+        check_format(data, BUNDLE_FORMAT, BUNDLE_VERSION, "manifest", "re-export the bundle or upgrade rmt-deploy")
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in data.items() if k in known}
         values["preprocess"] = Preprocess(**values["preprocess"])

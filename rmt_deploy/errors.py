@@ -30,6 +30,15 @@ class InternalError(Exception):
     """A bug in rmt-deploy, not in the user's input."""
 
 
+def check_format(data: dict, tag: str, version: int, where: str, fix: str) -> None:
+    """Raise ArtifactError unless data's "format" is `tag` and its "version" is `version`."""
+    if data.get("format") != tag:
+        raise ArtifactError(f"{where}: format tag {data.get('format')!r} is not {tag!r}")
+    if data.get("version") != version:
+        raise ArtifactError(f"{where}: format version {data.get('version')!r} is not supported "
+                            f"(this rmt-deploy reads version {version}); {fix}")
+
+
 # top-level optional module -> the extra that installs it
 EXTRA_FOR_MODULE = {
     "torch": "train", "torchvision": "train", "open_clip": "train", "onnxscript": "train", "onnx_ir": "train",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError
+from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError, check_format
 from rmt_deploy.fingerprint import short
 from rmt_deploy.masks import decode_mask, encode_mask
 
@@ -178,13 +178,7 @@ def read_encoded(path: str | os.PathLike) -> EncodedTask:
     """Read a task file: checksum, format tag and version, tensor set and head checked; masks left encoded."""
     path = Path(path)
     meta, tensors = _read_container(path)
-    if meta.get("format") != FORMAT_TAG:
-        raise ArtifactError(f"{path}: format tag {meta.get('format')!r} is not {FORMAT_TAG!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: task format version {meta.get('version')!r} is not supported "
-            f"(this rmt-deploy reads version {FORMAT_VERSION}); upgrade rmt-deploy"
-        )
+    check_format(meta, FORMAT_TAG, FORMAT_VERSION, str(path), "upgrade rmt-deploy")
     missing = [key for key in _REQUIRED_META if key not in meta]
     if missing:
         raise ArtifactError(f"{path}: task file is incomplete or malformed (missing {', '.join(missing)})")
