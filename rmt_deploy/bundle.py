@@ -1,117 +1,40 @@
 """Bundle: the directory that export writes and the runtime reads.
 
     bundle/
-      manifest.json            this module's Manifest
+      manifest.json            rmt_deploy.manifest.Manifest (schema-checked)
       base.onnx (+ .data)      shared graph; masked weights are named graph inputs
+      base_weights.safetensors the masked tensors' base values
       base.<gpu>.plan          optional refittable TensorRT engine
       tasks/<task>.rmtask      TaskPacks
       folded/<task>.onnx       optional self-contained per-task models (image -> logits)
 
-numpy only: no torch, no onnx needed to read a bundle.
+A bundle is untrusted: every path is confined to the root, and every file is checked
+against the size and sha256 the manifest records, by whoever reads it. numpy only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
-from rmt_deploy.errors import ArtifactError, UnknownTaskError, check_format
-from rmt_deploy.taskpack import SUFFIX, TaskPack, write_atomic
+from rmt_deploy.errors import ArtifactError, UnknownTaskError
+from rmt_deploy.integrity import REBUILD, FileRecord, confine, file_sha256
+from rmt_deploy.manifest import (BUNDLE_FORMAT, BUNDLE_VERSION, Manifest, MaskedTensor, Preprocess,
+                                 UnverifiedBundleWarning)
+from rmt_deploy.taskpack import SUFFIX, EncodedTask, TaskPack, read_encoded, write_atomic
+
+__all__ = ["Bundle", "Manifest", "MaskedTensor", "Preprocess", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST",
+           "TASKS_DIR", "FOLDED_DIR", "UnverifiedBundleWarning", "file_sha256", "record_files"]
 
 MANIFEST = "manifest.json"
 TASKS_DIR = "tasks"
 FOLDED_DIR = "folded"
-BUNDLE_FORMAT = "rmt-deploy.bundle"
-BUNDLE_VERSION = 1
-
-
-@dataclass
-class MaskedTensor:
-    """A weight that tasks mask: its open_clip name and its graph input name."""
-
-    name: str
-    shape: list[int]
-    dtype: str
-    input_name: str
-
-
-@dataclass
-class Preprocess:
-    """open_clip's eval transform settings for this base."""
-
-    image_size: list[int]
-    mean: list[float]
-    std: list[float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-
-
-@dataclass
-class Manifest:
-    """Everything the runtime needs to know about a bundle, stored as manifest.json.
-
-    `output_kind` "embedding": base.onnx returns L2-normalised image embeddings
-    (output `output_name`), and logits = logit_scale * embedding @ head.T per task.
-    `files` maps backend -> {"base": path, "folded": {task: path}, ...}.
-    `tensorrt` holds engine metadata (GPU, TensorRT version, refit map) when built.
-    `masked_inputs` / `base_weights` say where the masked tensors' base values live;
-    `base_weights_sha256` is the sha256 of that file's bytes ("" in bundles written before it).
-    """
-
-    model_name: str
-    pretrained: str | None
-    fingerprint: str
-    preprocess: Preprocess
-    masked_tensors: list[MaskedTensor]
-    embed_dim: int
-    tasks: list[str]
-    files: dict[str, Any]
-    input_name: str = "image"
-    output_name: str = "embedding"
-    output_kind: str = "embedding"
-    max_batch: int = 64
-    precision: str = "fp32"
-    tensorrt: dict[str, Any] = field(default_factory=dict)
-    tools: dict[str, str] = field(default_factory=dict)
-    # how base.onnx takes the masked weights: "required" = plain inputs the runtime always feeds,
-    # base values in `base_weights`; "defaults" = inputs with initializer defaults (base values)
-    masked_inputs: str = "required"
-    base_weights: str = ""  # safetensors file: open_clip name -> base value, in the graph input's dtype
-    base_weights_sha256: str = ""  # hex sha256 of the base_weights file, checked by the runtime at load
-    format: str = BUNDLE_FORMAT
-    version: int = BUNDLE_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        check_format(data, BUNDLE_FORMAT, BUNDLE_VERSION, "manifest", "re-export the bundle or upgrade rmt-deploy")
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in data.items() if k in known}
-        values["preprocess"] = Preprocess(**values["preprocess"])
-        values["masked_tensors"] = [MaskedTensor(**t) for t in values["masked_tensors"]]
-        return cls(**values)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    with open(path, "rb") as handle:
-        while True:
-            count = handle.readinto(buffer)
-            if not count:
-                return digest.hexdigest()
-            digest.update(view[:count])
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class Bundle:
-    """A bundle directory on disk: its manifest, files and task packs."""
+    """A bundle directory on disk: its validated manifest, confined files and task packs."""
 
     def __init__(self, root: str | os.PathLike, manifest: Manifest):
         self.root = Path(root)
@@ -119,7 +42,7 @@ class Bundle:
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "Bundle":
-        """Read and validate manifest.json; raise ArtifactError if it is missing or malformed."""
+        """Read manifest.json and validate it against its schema; ArtifactError naming the bad field."""
         root = Path(root)
         path = root / MANIFEST
         if not root.is_dir():
@@ -127,37 +50,71 @@ class Bundle:
         if not path.is_file():
             raise ArtifactError(f"{root}: not a bundle (no {MANIFEST}); create one with `rmt-deploy export`")
         try:
-            manifest = Manifest.from_dict(json.loads(path.read_text()))
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise ArtifactError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
+            data = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as exc:
+            raise ArtifactError(f"{path}: not valid JSON ({type(exc).__name__}); {REBUILD}") from None
+        except OSError as exc:
+            raise ArtifactError(f"{path}: cannot read it ({exc.strerror})") from None
+        try:
+            manifest = Manifest.from_dict(data)
         except ArtifactError as exc:
             raise ArtifactError(f"{path}: {exc}") from None
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ArtifactError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
-        return cls(root, manifest)
+        bundle = cls(root, manifest)
+        for role, relative in manifest.named_files().items():
+            if not role.startswith("tasks."):  # task paths are checked when a task is read
+                confine(root, relative, f"{path}: {role}")
+        return bundle
 
     @property
     def tasks(self) -> list[str]:
         return list(self.manifest.tasks)
 
+    @property
+    def verified(self) -> bool:
+        """Whether the manifest records sizes and hashes of its files (False for rmt-deploy 0.1 bundles)."""
+        return self.manifest.verified
+
+    def record(self, relative: str) -> FileRecord | None:
+        """The manifest's size and sha256 of a file, or None in an unverified (0.1) bundle."""
+        if not self.manifest.verified:
+            return None
+        found = self.manifest.checksums.get(relative)
+        if found is None:
+            raise ArtifactError(f"{self.root / MANIFEST}: no checksum for {relative}; {REBUILD}")
+        return found
+
+    def file(self, relative: str) -> Path:
+        """The confined real path of a bundle file; ArtifactError if it is missing or outside the bundle."""
+        path = confine(self.root, relative, f"bundle {self.root}")
+        if not path.is_file():
+            raise ArtifactError(f"{self.root / relative}: bundle file missing; {REBUILD}")
+        return path
+
     def task_path(self, task: str) -> Path:
-        """Path of a task's .rmtask; UnknownTaskError lists the available tasks."""
+        """Relative-path-checked location of a task's .rmtask; UnknownTaskError lists the available tasks."""
         if task not in self.manifest.tasks:
             raise UnknownTaskError(
                 f"task {task!r} not in bundle {self.root} (available: {', '.join(self.tasks) or 'none'})"
             )
-        return self.root / TASKS_DIR / f"{task}{SUFFIX}"
+        return self.file(self.task_relative(task))
+
+    @staticmethod
+    def task_relative(task: str) -> str:
+        return f"{TASKS_DIR}/{task}{SUFFIX}"
+
+    def read_task(self, task: str) -> EncodedTask:
+        """A task file read once: hash checked against the manifest, internal name equal to `task`."""
+        path = self.task_path(task)
+        return read_encoded(path, record=self.record(self.task_relative(task)), expected_name=task)
 
     def load_task(self, task: str) -> TaskPack:
-        """Load a task pack and check it against the bundle's base fingerprint."""
-        pack = TaskPack.load(self.task_path(task))
+        """Load a task pack (decoded masks), verified and checked against the bundle's base fingerprint."""
+        relative = self.task_relative(task)
+        pack = TaskPack.load(self.task_path(task), record=self.record(relative), expected_name=task)
         pack.check_base(self.manifest.fingerprint)
         return pack
-
-    def file(self, relative: str) -> Path:
-        """Absolute path of a bundle file; ArtifactError if it is missing."""
-        path = self.root / relative
-        if not path.is_file():
-            raise ArtifactError(f"{path}: bundle file missing; re-export the bundle")
-        return path
 
     def folded_path(self, task: str, backend: str = "onnx") -> Path:
         """Path of a task's folded model for a backend, if the bundle has one."""
@@ -168,6 +125,33 @@ class Bundle:
                                 "export with --mode folded or both")
         return self.file(folded[task])
 
+    def folded_relative(self, task: str, backend: str = "onnx") -> str:
+        self.folded_path(task, backend)
+        return self.manifest.files[backend]["folded"][task]
+
+    def verify(self) -> Iterator[tuple[str, str | None]]:
+        """Check every recorded file's size and sha256: yields (relative path, None or the error)."""
+        if not self.manifest.verified:
+            raise ArtifactError(f"{self.root}: this bundle records no file hashes (rmt-deploy 0.1); {REBUILD}")
+        for relative, expected in self.manifest.checksums.items():
+            try:
+                path = self.file(relative)
+                expected.check(path, path.stat().st_size, file_sha256(path))
+                yield relative, None
+            except ArtifactError as exc:
+                yield relative, str(exc)
+
     def write_manifest(self) -> None:
         """Write manifest.json atomically."""
         write_atomic(self.root / MANIFEST, self.manifest.to_json().encode())
+
+
+def record_files(root: Path) -> dict[str, FileRecord]:
+    """Size and sha256 of every file under `root` except the manifest and hidden files, for the manifest."""
+    records = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_file() and relative != MANIFEST and not any(p.startswith(".") for p in relative.split("/")):
+            records[relative] = FileRecord(path.stat().st_size, file_sha256(path))
+    return records
+

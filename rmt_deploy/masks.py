@@ -272,8 +272,8 @@ def _rice_positions(h: _Header) -> np.ndarray:
 
 
 def _dense(h: _Header) -> np.ndarray:
-    pos = _rice_positions(h) if h.method in _RICE else None  # validate before allocating
     try:
+        pos = _rice_positions(h) if h.method in _RICE else None  # validate before allocating
         if h.method == _PACKBITS:
             bits = np.unpackbits(np.frombuffer(h.payload, np.uint8), count=h.size).view(np.bool_)
             if h.size - int(np.count_nonzero(bits)) != h.zeros:
@@ -288,23 +288,36 @@ def _dense(h: _Header) -> np.ndarray:
     return out
 
 
-def decode_mask(blob: bytes) -> np.ndarray:
-    """Decode a blob from `encode_mask` into a bool array of the original shape."""
+def _parse_expecting(blob: bytes, expected_shape: tuple[int, ...] | None) -> _Header:
+    """Parse the header; with `expected_shape`, refuse any other shape before anything is allocated."""
     h = _parse(blob)
+    if expected_shape is not None and tuple(h.shape) != tuple(int(d) for d in expected_shape):
+        raise _fail(f"declares shape {list(h.shape)}, the tensor it masks is {list(expected_shape)}")
+    return h
+
+
+def decode_mask(blob: bytes, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Decode a blob from `encode_mask` into a bool array of the original shape (which must be
+    `expected_shape` when given: untrusted blobs are sized by the tensor, not by themselves)."""
+    h = _parse_expecting(blob, expected_shape)
     return _dense(h).reshape(h.shape)
 
 
-def decode_zero_indices(blob: bytes) -> tuple[tuple[int, ...], np.ndarray]:
+def decode_zero_indices(blob: bytes, expected_shape: tuple[int, ...] | None = None
+                        ) -> tuple[tuple[int, ...], np.ndarray]:
     """Return (shape, sorted flat int64 indices of the False entries) without a dense mask
-    when the zeros are the coded symbol (the common case)."""
-    h = _parse(blob)
+    when the zeros are the coded symbol (the common case). `expected_shape` as for decode_mask."""
+    h = _parse_expecting(blob, expected_shape)
     if h.method == _ONES:
         return h.shape, np.zeros(0, np.int64)
-    if h.method == _ZEROS:
-        return h.shape, np.arange(h.size, dtype=np.int64)
-    if h.method == _RICE_ZEROS:
-        return h.shape, _rice_positions(h)
-    return h.shape, np.flatnonzero(~_dense(h)).astype(np.int64, copy=False)
+    try:
+        if h.method == _ZEROS:
+            return h.shape, np.arange(h.size, dtype=np.int64)
+        if h.method == _RICE_ZEROS:
+            return h.shape, _rice_positions(h)
+        return h.shape, np.flatnonzero(~_dense(h)).astype(np.int64, copy=False)
+    except MemoryError:
+        raise _fail(f"the zero positions of a mask of {h.size} elements do not fit in memory") from None
 
 
 def mask_stats(blob: bytes) -> MaskStats:

@@ -6,7 +6,9 @@ under the header key `rmt_deploy`. Loading never unpickles.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -18,7 +20,10 @@ import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError, check_format
 from rmt_deploy.fingerprint import short
+from rmt_deploy.integrity import FileRecord, read_verified
+from rmt_deploy.masks import MAX_SIZE as MAX_MASK_ELEMENTS
 from rmt_deploy.masks import decode_mask, encode_mask
+from rmt_deploy.safetensors_header import load_bytes
 
 FORMAT_TAG = "rmt-deploy.taskpack"
 FORMAT_VERSION = 1
@@ -27,6 +32,7 @@ METADATA_KEY = "rmt_deploy"
 CHECKSUM_KEY = "rmt_deploy_sha256"
 HEAD_KEY = "head"
 MASK_PREFIX = "mask/"
+MAX_TASK_FILE_BYTES = 1 << 30
 _REQUIRED_META = ("name", "class_names", "base_fingerprint", "model_name", "logit_scale", "masked_tensors")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -120,11 +126,13 @@ class TaskPack:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TaskPack":
-        """Read and validate a pack; any problem raises ArtifactError naming the path."""
+    def load(cls, path: str | os.PathLike, record: FileRecord | None = None,
+             expected_name: str | None = None) -> "TaskPack":
+        """Read and validate a pack; any problem raises ArtifactError naming the path.
+        `record` / `expected_name`: the size, sha256 and name a bundle's manifest lists it with."""
         path = Path(path)
         try:
-            return _load(path)
+            return _load(path, record, expected_name)
         except RmtError as exc:
             if isinstance(exc, ArtifactError) and str(path) in str(exc):
                 raise
@@ -157,13 +165,14 @@ class EncodedTask:
     """A task file as stored: validated metadata, head and encoded masks (not decoded).
 
     For callers that want zero positions (masks.decode_zero_indices) or sizes
-    without materialising one bool per weight, such as the runtime.
+    without materialising one bool per weight, such as the runtime. `nbytes`: the file's size.
     """
 
     path: Path
     meta: dict[str, Any]
     head: np.ndarray
     blobs: dict[str, bytes]
+    nbytes: int = 0
 
     @property
     def name(self) -> str:
@@ -173,27 +182,71 @@ class EncodedTask:
     def base_fingerprint(self) -> str:
         return str(self.meta["base_fingerprint"])
 
+    @property
+    def mask_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape the metadata declares for each masked tensor (validated on read)."""
+        return {str(e["name"]): tuple(e["shape"]) for e in self.meta["masked_tensors"]}
 
-def read_encoded(path: str | os.PathLike) -> EncodedTask:
-    """Read a task file: checksum, format tag and version, tensor set and head checked; masks left encoded."""
+
+def read_encoded(path: str | os.PathLike, record: FileRecord | None = None,
+                 expected_name: str | None = None) -> EncodedTask:
+    """Read a task file once: its bytes checked against `record` (size, sha256) when given, then the
+    container, checksum, format, metadata types, tensor set and head; masks left encoded.
+    `expected_name`: the name a bundle lists the file under, which the task's own name must equal."""
     path = Path(path)
-    meta, tensors = _read_container(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such task file")
+    data = read_verified(path, record, MAX_TASK_FILE_BYTES)
+    meta, tensors = _read_container(path, data)
     check_format(meta, FORMAT_TAG, FORMAT_VERSION, str(path), "upgrade rmt-deploy")
+    _check_meta(meta, path)
+    if expected_name is not None and meta["name"] != expected_name:
+        raise ArtifactError(f"{path}: the file holds task {meta['name']!r}, but the bundle lists it as "
+                            f"{expected_name!r}; rebuild the bundle with `rmt-deploy export`")
+    names = [entry["name"] for entry in meta["masked_tensors"]]
+    expected = {HEAD_KEY} | {MASK_PREFIX + name for name in names}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ArtifactError(f"{path}: tensors do not match the metadata (missing {missing[:3]}, "
+                            f"unexpected {extra[:3]})")
+    head = tensors[HEAD_KEY]
+    if head.dtype != np.float32 or head.ndim != 2 or head.shape[0] != len(meta["class_names"]):
+        raise ArtifactError(f"{path}: head is {head.dtype} {list(head.shape)}, not float32 "
+                            f"[{len(meta['class_names'])} classes, dim]")
+    if not np.isfinite(head).all():
+        raise ArtifactError(f"{path}: head holds NaN or Inf values")
+    blobs = {name: tensors[MASK_PREFIX + name].tobytes() for name in names}
+    return EncodedTask(path, meta, np.array(head), blobs, len(data))
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """Types and ranges of the metadata fields that reading and serving rely on."""
     missing = [key for key in _REQUIRED_META if key not in meta]
     if missing:
         raise ArtifactError(f"{path}: task file is incomplete or malformed (missing {', '.join(missing)})")
-    try:
-        names = [str(entry["name"]) for entry in meta["masked_tensors"]]
-        blobs = {name: tensors[MASK_PREFIX + name].tobytes() for name in names}
-        head = tensors[HEAD_KEY]
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None
-    extra = set(tensors) - {HEAD_KEY} - {MASK_PREFIX + name for name in names}
-    if extra:
-        raise ArtifactError(f"{path}: unexpected tensors {sorted(extra)}")
-    if head.dtype != np.float32 or head.ndim != 2:
-        raise ArtifactError(f"{path}: head is {head.dtype} {list(head.shape)}, not float32 [classes, dim]")
-    return EncodedTask(path, meta, head, blobs)
+    if not isinstance(meta["name"], str) or not _TASK_NAME.match(meta["name"]):
+        raise ArtifactError(f"{path}: task name {str(meta['name'])[:80]!r} is not valid")
+    classes = meta["class_names"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError(f"{path}: class_names must be a non-empty list of strings")
+    scale = meta["logit_scale"]
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1e4:
+        raise ArtifactError(f"{path}: logit_scale {scale!r} is not a number in (0, 10000]")
+    if not all(isinstance(meta[k], str) for k in ("base_fingerprint", "model_name")):
+        raise ArtifactError(f"{path}: base_fingerprint and model_name must be strings")
+    tensors = meta["masked_tensors"]
+    if not isinstance(tensors, list) or not tensors:
+        raise ArtifactError(f"{path}: masked_tensors must be a non-empty list")
+    seen = set()
+    for entry in tensors:
+        ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("shape"), list)
+        shape = entry.get("shape") if ok else None
+        if not ok or not 1 <= len(shape) <= 8 or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                         and d >= 1 for d in shape):
+            raise ArtifactError(f"{path}: masked tensor entry {str(entry)[:80]} is malformed")
+        if math.prod(shape) > MAX_MASK_ELEMENTS or entry["name"] in seen:
+            raise ArtifactError(f"{path}: masked tensor {entry['name']!r} is repeated or too large {shape}")
+        seen.add(entry["name"])
 
 
 def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
@@ -209,8 +262,6 @@ def _umask() -> int:
 
 def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     """sha256 over the metadata JSON and every tensor, so any altered byte is caught."""
-    import hashlib
-
     digest = hashlib.sha256(meta_json.encode())
     for key in sorted(tensors):
         array = np.ascontiguousarray(tensors[key])
@@ -219,45 +270,26 @@ def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _read_container(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such task file")
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except ArtifactError:
-        raise
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise ArtifactError(f"{path}: not a readable task file ({type(exc).__name__}: {exc})") from None
-    if METADATA_KEY not in header:
+def _read_container(path: Path, data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    metadata, tensors = load_bytes(data, str(path))
+    if METADATA_KEY not in metadata:
         raise ArtifactError(f"{path}: not an rmt-deploy task file (no '{METADATA_KEY}' metadata)")
-    if header.get(CHECKSUM_KEY) != _checksum(header[METADATA_KEY], tensors):
+    if metadata.get(CHECKSUM_KEY) != _checksum(metadata[METADATA_KEY], tensors):
         raise ArtifactError(f"{path}: checksum mismatch: the file was altered or damaged")
     try:
-        meta = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: task metadata is not valid JSON ({exc})") from None
+        meta = json.loads(metadata[METADATA_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: task metadata is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path}: task metadata is not a JSON object")
     return meta, tensors
 
 
-def _load(path: Path) -> TaskPack:
-    encoded = read_encoded(path)
+def _load(path: Path, record: FileRecord | None, expected_name: str | None) -> TaskPack:
+    encoded = read_encoded(path, record, expected_name)
     meta = encoded.meta
     try:
-        masks = {}
-        for entry in meta["masked_tensors"]:
-            keep = decode_mask(encoded.blobs[entry["name"]])
-            if list(keep.shape) != list(entry["shape"]):
-                raise ArtifactError(
-                    f"{path}: mask {entry['name']!r} decodes to shape {list(keep.shape)}, "
-                    f"header says {entry['shape']}"
-                )
-            masks[entry["name"]] = keep
+        masks = {name: decode_mask(encoded.blobs[name], shape) for name, shape in encoded.mask_shapes.items()}
         return TaskPack(
             name=meta["name"],
             class_names=list(meta["class_names"]),

@@ -28,10 +28,11 @@ def engine_mismatch(meta: Mapping[str, Any], gpu_name: str, trt_version: str) ->
     TensorRT plans (built without version compatibility) run only on the exact TensorRT
     version that built them, so the whole version string must match.
     """
-    built_gpu = meta.get("gpu", {}).get("name")
+    gpu = meta.get("gpu") if isinstance(meta, Mapping) else None
+    built_gpu = gpu.get("name") if isinstance(gpu, Mapping) else None
     if built_gpu != gpu_name:
         return f"engine was built for GPU {built_gpu!r}, this GPU is {gpu_name!r}: re-export with --target trt here"
-    built_version = str(meta.get("version", ""))
+    built_version = str(meta.get("version", "")) if isinstance(meta, Mapping) else ""
     if built_version.strip() != str(trt_version).strip():
         return (f"engine was built with TensorRT {built_version or '(unknown)'}, this is TensorRT {trt_version}: "
                 "re-export with --target trt on this machine")

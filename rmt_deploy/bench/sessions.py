@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from rmt_deploy.bundle import Bundle
-from rmt_deploy.errors import require
+from rmt_deploy.errors import ArtifactError, require
+from rmt_deploy.integrity import REBUILD, BackgroundHash
 
 
 def folded_session(bundle: Bundle, task: str, threads: int | None = None) -> Any:
@@ -13,4 +14,13 @@ def folded_session(bundle: Bundle, task: str, threads: int | None = None) -> Any
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(bundle.folded_path(task)), options, providers=["CPUExecutionProvider"])
+    relative = bundle.folded_relative(task)
+    digest = BackgroundHash(bundle.file(relative), bundle.record(relative))
+    try:
+        session = ort.InferenceSession(str(bundle.file(relative)), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's own exception types: name the damaged file, or the file ORT refused
+        digest.check()
+        raise ArtifactError(f"{bundle.file(relative)}: ONNX Runtime cannot load it "
+                            f"({str(exc).strip()[:200] or type(exc).__name__}); {REBUILD}") from None
+    digest.check()
+    return session

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from rmt_deploy.bundle import (FOLDED_DIR, MANIFEST, TASKS_DIR, Bundle, Manifest, MaskedTensor, Preprocess,
-                               file_sha256)
+                               record_files)
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
 from rmt_deploy.export import DEFAULTS, ExportConfig
 from rmt_deploy.export import onnx as graphs
@@ -115,8 +115,11 @@ def _write_bundle(stage: Path, base: _Base, config: ExportConfig, steps: "_Progr
     for path in stage.glob(_SCRATCH_SHARED + "*"):
         path.unlink()
     with steps.step("writing manifest"):
-        base_sha = file_sha256(stage / BASE_WEIGHTS) if config.mode != "folded" else ""
-        Bundle(stage, _manifest(base, config, all_files, tensorrt_entry, base_sha)).write_manifest()
+        checksums = record_files(stage)
+        base_sha = checksums[BASE_WEIGHTS].sha256 if config.mode != "folded" else ""
+        manifest = _manifest(base, config, all_files, tensorrt_entry, base_sha)
+        manifest.checksums = checksums
+        Bundle(stage, manifest).write_manifest()
     report.files = _file_sizes(stage)
     report.tasks = _task_reports(report.files, base.packs, files)
     if config.verify:

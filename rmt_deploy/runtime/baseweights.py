@@ -1,65 +1,78 @@
 """The base values of the masked tensors, read from the bundle's weights file (numpy only).
 
-The file is safetensors; tensors are read with `readinto` straight into the pool's
-first buffer, so loading never holds a second dense copy (no mmap, no temporary).
+The file is safetensors with a validated header (rmt_deploy.safetensors_header). Its
+tensors are read front to back with `readinto` straight into the pool's first buffer
+while every byte is hashed, so loading holds no second dense copy and reads the file
+once; the digest is checked against the manifest's record at the end.
 """
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from rmt_deploy.errors import ArtifactError
-
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": None, "F64": "float64"}
-_MAX_HEADER = 100 << 20
+from rmt_deploy.integrity import REBUILD, FileRecord, Sha256Reader
+from rmt_deploy.safetensors_header import Header, TensorEntry, header_length, parse_header
 
 
 class SafetensorsReader:
-    """Index of a safetensors file: name -> (dtype, shape, byte range); reads tensors in place."""
+    """Validated index of a safetensors file; reads its tensors in place."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
+            size = self.path.stat().st_size
             with open(self.path, "rb") as handle:
-                size = handle.seek(0, 2)
-                handle.seek(0)
-                (length,) = struct.unpack("<Q", handle.read(8))
-                if length > min(_MAX_HEADER, size - 8):
-                    raise ValueError(f"header length {length} exceeds the file")
-                header = json.loads(handle.read(length))
-        except (OSError, ValueError, struct.error) as exc:
-            raise ArtifactError(f"{self.path}: not a readable weights file ({exc}); re-export the bundle") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + length
+                length = header_length(handle.read(8), size, str(self.path))
+                self.header: Header = parse_header(handle.read(length), size, str(self.path))
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot read it ({exc.strerror}); {REBUILD}") from None
         self.file_size = size
-        self.entries = header
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        """Copy tensor `name` into `out` (same dtype and shape); ArtifactError on any mismatch."""
+    @property
+    def entries(self) -> dict[str, TensorEntry]:
+        return self.header.entries
+
+    def entry(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> TensorEntry:
+        """The tensor `name`, checked to be `dtype` `shape` (call before allocating its buffer)."""
         entry = self.entries.get(name)
         if entry is None:
-            raise ArtifactError(f"{self.path}: no tensor {name!r}; the bundle is incomplete, re-export it")
-        try:
-            dtype = _DTYPES.get(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{self.path}: malformed entry for {name!r} ({exc})") from None
-        if dtype != out.dtype.name or shape != out.shape or end - start != out.nbytes:
-            raise ArtifactError(
-                f"{self.path}: tensor {name!r} is {entry.get('dtype')} {list(shape)}, the bundle expects "
-                f"{out.dtype.name} {list(out.shape)}; re-export the bundle"
-            )
-        if not out.flags.c_contiguous:
-            raise ArtifactError(f"internal: buffer for {name!r} is not contiguous")
-        if self.data_start + end > self.file_size:
-            raise ArtifactError(f"{self.path}: truncated (tensor {name!r} ends past the file end)")
-        with open(self.path, "rb") as handle:
-            handle.seek(self.data_start + start)
-            view = memoryview(out.reshape(-1)).cast("B")
-            got = handle.readinto(view)
-        if got != out.nbytes:
+            raise ArtifactError(f"{self.path}: no tensor {name!r}; the bundle is incomplete, {REBUILD}")
+        if entry.dtype != np.dtype(dtype) or entry.shape != tuple(shape):
+            raise ArtifactError(f"{self.path}: tensor {name!r} is {entry.dtype.name} {list(entry.shape)}, the "
+                                f"bundle expects {np.dtype(dtype).name} {list(shape)}; {REBUILD}")
+        return entry
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Copy one tensor into `out` (same dtype and shape), without hashing."""
+        entry = self.entry(name, out.dtype, out.shape)
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.header.data_start + entry.start)
+            got = handle.readinto(_bytes(out))
+        if got != entry.nbytes:
             raise ArtifactError(f"{self.path}: truncated while reading {name!r}")
+
+    def read_all_into(self, outs: Mapping[str, np.ndarray], record: FileRecord | None) -> str:
+        """Read the whole file once in order: tensors named in `outs` into their buffers, every byte
+        hashed; then check size and sha256 against `record` (when the manifest has one). Returns the
+        hex sha256."""
+        for name, out in outs.items():
+            self.entry(name, out.dtype, out.shape)
+        with Sha256Reader(self.path) as reader:
+            for entry in self.entries.values():  # file order
+                reader.skip_to(self.header.data_start + entry.start)
+                out = outs.get(entry.name)
+                if out is not None and reader.readinto(_bytes(out)) != entry.nbytes:
+                    raise ArtifactError(f"{self.path}: truncated while reading {entry.name!r}")
+            reader.skip_to_end()
+            if record is not None:
+                record.check(self.path, reader.position, reader.hexdigest())
+            return reader.hexdigest()
+
+
+def _bytes(out: np.ndarray) -> memoryview:
+    if not out.flags.c_contiguous:
+        raise ArtifactError("internal: a base-weights buffer is not contiguous")
+    return memoryview(out.reshape(-1)).cast("B")

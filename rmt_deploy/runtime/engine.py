@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle, file_sha256
+from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import ArtifactError, InputError, UnknownTaskError
+from rmt_deploy.integrity import REBUILD
 from rmt_deploy.fingerprint import fingerprint_arrays, short
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
@@ -56,30 +57,49 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted
 
 
-def _check_base_file(bundle: Bundle, path: Path | None) -> bool:
-    """Compare the base weights file the backend reads with the manifest's sha256 (any dtype or
-    layout); False when there is nothing to compare (torch backend, or a manifest without it)."""
-    expected = bundle.manifest.base_weights_sha256
-    if path is None or not expected:
-        return False
-    found = file_sha256(path)
-    if found != expected:
-        raise ArtifactError(f"{path}: sha256 {found[:12]} differs from the manifest's {expected[:12]}: the file "
-                            "is damaged or altered; re-export the bundle")
-    return True
-
-
-def _check_base_fingerprint(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str, np.ndarray]) -> None:
-    """Fallback for manifests without a sha256: the base values read must give the bundle's fingerprint."""
+def _check_legacy_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str, np.ndarray],
+                       digest: str | None) -> None:
+    """A 0.1 bundle records no file hashes: check the base values read against its base_weights_sha256,
+    else against the fingerprint (fp32 open_clip layout only); refuse when neither is possible."""
+    manifest = bundle.manifest
+    if manifest.base_weights_sha256:
+        if digest != manifest.base_weights_sha256:
+            raise ArtifactError(f"{bundle.root / manifest.base_weights}: sha256 {str(digest)[:12]}... differs "
+                                f"from the manifest's {manifest.base_weights_sha256[:12]}...: the file is damaged "
+                                f"or altered; {REBUILD}")
+        return
     if any(s.perm is not None or s.dtype != np.float32 for s in specs):
-        return  # stored transposed or in fp16: the fingerprint is over the fp32 open_clip layout
-    found = fingerprint_arrays(bundle.manifest.model_name, {s.tensor: arrays[s.key] for s in specs})
-    if found != bundle.manifest.fingerprint:
+        raise ArtifactError(f"{bundle.root}: this rmt-deploy 0.1 bundle records no hash of its fp16 base weights, "
+                            f"so they cannot be checked; {REBUILD}")
+    found = fingerprint_arrays(manifest.model_name, {s.tensor: arrays[s.key] for s in specs})
+    if found != manifest.fingerprint:
         raise ArtifactError(
-            f"{bundle.root}: the base weights ({bundle.manifest.base_weights or 'base values'}) give fingerprint "
-            f"{short(found)}, the manifest says "
-            f"{short(bundle.manifest.fingerprint)}: a bundle file is damaged or altered; re-export the bundle"
+            f"{bundle.root}: the base weights ({manifest.base_weights or 'base values'}) give fingerprint "
+            f"{short(found)}, the manifest says {short(manifest.fingerprint)}: a bundle file is damaged or "
+            f"altered; {REBUILD}"
         )
+
+
+def _make_pool(bundle: Bundle, impl: Any, cache_tasks: int, threads: int | None) -> TaskPool:
+    """The task pool, its first buffer filled with the base values (hash-checked while read)."""
+    digest: list[str | None] = [None]
+
+    def fill(arrays: dict[str, np.ndarray]) -> None:
+        reader = getattr(impl, "fill_base", None)
+        if reader is not None:
+            digest[0] = reader(arrays)
+        else:
+            for spec in impl.specs:
+                impl.read_base(spec, arrays[spec.key])
+
+    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads)
+    if impl.base_file is not None and not bundle.verified:
+        try:
+            _check_legacy_base(bundle, impl.specs, pool.base_arrays(), digest[0])
+        except BaseException:
+            pool.close()
+            raise
+    return pool
 
 
 class Engine:
@@ -110,10 +130,7 @@ class Engine:
         impl = backends.create(bundle, backend, device, threads)
         pool = None
         try:
-            hashed = _check_base_file(bundle, impl.base_file)  # before any dense buffer is filled
-            pool = TaskPool(impl.specs, impl.read_base, cache_tasks, workers=threads)
-            if impl.base_file is not None and not hashed:
-                _check_base_fingerprint(bundle, impl.specs, pool.base_arrays())
+            pool = _make_pool(bundle, impl, cache_tasks, threads)
             engine = cls(bundle, impl, pool)
             engine._load_tasks(task)
             return engine
@@ -161,7 +178,7 @@ class Engine:
         bundle = self._bundle
         for name in bundle.tasks:
             self._register(read_task(bundle.task_path(name), bundle.manifest.fingerprint, self._shapes(),
-                                     bundle.manifest.embed_dim))
+                                     bundle.manifest.embed_dim, bundle.record(bundle.task_relative(name)), name))
         current = current if current is not None else (bundle.tasks[0] if bundle.tasks else None)
         if current is not None:
             self.switch(current)

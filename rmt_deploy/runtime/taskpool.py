@@ -99,8 +99,9 @@ class PoolStats:
 class TaskPool:
     """LRU pool of `capacity` dense buffers over compactly stored tasks; thread-safe."""
 
-    def __init__(self, specs: list[TensorSpec], read_base: Callable[[TensorSpec, np.ndarray], None],
+    def __init__(self, specs: list[TensorSpec], fill_base: Callable[[dict[str, np.ndarray]], object],
                  capacity: int = 2, workers: int | None = None):
+        """`fill_base(arrays)` writes the base values into the first buffer (key -> empty array)."""
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise InputError(f"cache_tasks={capacity!r} must be an integer >= 1")
         self.specs = {s.key: s for s in specs}
@@ -114,10 +115,8 @@ class TaskPool:
         # numpy scatters release the GIL: rewriting tensors on a few threads cuts a miss ~1.7x on 2 cores
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self._executor = ThreadPoolExecutor(workers, "rmt-pool") if workers > 1 and len(specs) > 1 else None
-        arrays = {}
-        for spec in specs:  # first buffer: the base values, read straight into place
-            arrays[spec.key] = np.empty(spec.shape, spec.dtype)
-            read_base(spec, arrays[spec.key])
+        arrays = {spec.key: np.empty(spec.shape, spec.dtype) for spec in specs}
+        fill_base(arrays)  # first buffer: the base values, read straight into place
         self._slots.append(_Slot(0, arrays, BASE))
 
     def base_arrays(self) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
+from rmt_deploy.integrity import FileRecord
 from rmt_deploy.fingerprint import short
 from rmt_deploy.masks import decode_zero_indices
 from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
@@ -42,51 +43,44 @@ class ServingTask:
 
 
 def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,
-              shapes: Mapping[str, tuple[int, ...]], embed_dim: int) -> ServingTask:
-    """Load a task from a .rmtask path (or an in-memory TaskPack) for a base with these tensors."""
+              shapes: Mapping[str, tuple[int, ...]], embed_dim: int,
+              record: FileRecord | None = None, expected_name: str | None = None) -> ServingTask:
+    """Load a task from a .rmtask path (or an in-memory TaskPack) for a base with these tensors.
+
+    A file is read once, checked against `record` (the bundle's size and sha256) and `expected_name`
+    when given, and its masks are decoded only after their declared shapes match the base's."""
     if isinstance(source, TaskPack):
         source.check_base(fingerprint)
-        zeros = {n: np.flatnonzero(~m).astype(np.int64) for n, m in source.masks.items()}
-        mask_shapes = {n: tuple(m.shape) for n, m in source.masks.items()}
         head = TaskHead(source.name, tuple(source.class_names), source.head, float(source.logit_scale))
         where = f"task pack {source.name!r}"
-    else:
-        path = Path(source)
-        head, zeros, mask_shapes = _read_file(path, fingerprint)
-        where = str(path)
-    _check_layout(where, head, mask_shapes, shapes, embed_dim)
-    return ServingTask(head, zeros)
-
-
-def _read_file(path: Path, fingerprint: str) -> tuple[TaskHead, dict[str, np.ndarray], dict[str, tuple]]:
+        _check_layout(where, head, {n: tuple(m.shape) for n, m in source.masks.items()}, shapes, embed_dim)
+        return ServingTask(head, {n: np.flatnonzero(~m).astype(np.int64) for n, m in source.masks.items()})
+    path = Path(source)
     try:
-        encoded = read_encoded(path)
-    except RmtError as exc:
-        raise ArtifactError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
-    meta = encoded.meta
-    try:
-        if encoded.base_fingerprint != fingerprint:
-            raise IncompatibleBaseError(
-                f"task '{encoded.name}' ({path}) was trained on base {short(encoded.base_fingerprint)} "
-                f"({meta.get('model_name')}), not on this bundle's base {short(fingerprint)}: "
-                "retrain the task on this base or load the bundle it was trained on"
-            )
-        name = check_task_name(encoded.name)
-        zeros, mask_shapes = {}, {}
-        for entry in meta["masked_tensors"]:
-            shape, idx = decode_zero_indices(encoded.blobs[entry["name"]])
-            if list(shape) != list(entry["shape"]):
-                raise ArtifactError(f"{path}: mask {entry['name']!r} has shape {list(shape)}, "
-                                    f"header says {entry['shape']}")
-            zeros[entry["name"]], mask_shapes[entry["name"]] = idx, tuple(shape)
-        return TaskHead(name, tuple(str(c) for c in meta["class_names"]), encoded.head,
-                        float(meta["logit_scale"])), zeros, mask_shapes
+        return _read_file(path, fingerprint, shapes, embed_dim, record, expected_name)
     except RmtError as exc:
         if isinstance(exc, IncompatibleBaseError) or str(path) in str(exc):
             raise
         raise ArtifactError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _read_file(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, ...]], embed_dim: int,
+               record: FileRecord | None, expected_name: str | None) -> ServingTask:
+    encoded = read_encoded(path, record, expected_name)
+    meta = encoded.meta
+    if encoded.base_fingerprint != fingerprint:
+        raise IncompatibleBaseError(
+            f"task '{encoded.name}' ({path}) was trained on base {short(encoded.base_fingerprint)} "
+            f"({meta.get('model_name')}), not on this bundle's base {short(fingerprint)}: "
+            "retrain the task on this base or load the bundle it was trained on"
+        )
+    head = TaskHead(check_task_name(encoded.name), tuple(meta["class_names"]), encoded.head,
+                    float(meta["logit_scale"]))
+    _check_layout(str(path), head, encoded.mask_shapes, shapes, embed_dim)  # before anything is decoded
+    zeros = {name: decode_zero_indices(blob, shapes[name])[1] for name, blob in encoded.blobs.items()}
+    return ServingTask(head, zeros)
 
 
 def _check_layout(where: str, head: TaskHead, mask_shapes: Mapping[str, tuple[int, ...]],

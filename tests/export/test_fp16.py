@@ -82,7 +82,7 @@ def test_fp16_bundle_with_a_flipped_base_weight_byte_is_refused(fp16_bundle, tmp
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # the last byte is tensor data: one fp16 value changes slightly
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"base_weights\.safetensors: sha256 .*re-export the bundle"):
+    with pytest.raises(ArtifactError, match=r"base_weights\.safetensors: sha256 .*rebuild the bundle"):
         Engine.load(root, threads=1)
     with Engine.load(out, threads=1) as engine:  # the intact bundle still loads
         assert engine.backend == "onnxruntime-cpu"

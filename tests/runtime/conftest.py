@@ -42,7 +42,7 @@ def reference(tiny_base):
 @pytest.fixture(scope="session")
 def torch_bundle(tmp_path_factory, tiny_base, tiny_checkpoint, packs):
     """A bundle with a manifest and tasks but no ONNX: enough for the torch backend."""
-    from rmt_deploy.bundle import Bundle, Manifest, MaskedTensor, Preprocess
+    from rmt_deploy.bundle import Bundle, Manifest, MaskedTensor, Preprocess, record_files
     from rmt_deploy.models import fingerprint, maskable_tensors, preprocess_config
 
     root = tmp_path_factory.mktemp("torch_bundle")
@@ -57,6 +57,7 @@ def torch_bundle(tmp_path_factory, tiny_base, tiny_checkpoint, packs):
     )
     for name, pack in packs.items():
         pack.save(root / "tasks" / f"{name}.rmtask")
+    manifest.checksums = record_files(root)
     (root / "manifest.json").write_text(manifest.to_json())
     return Bundle.open(root)
 

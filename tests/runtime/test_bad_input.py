@@ -113,26 +113,32 @@ def test_corrupted_bundle_file_is_an_artifact_error(damaged, relative, how):
     assert "\n" not in message and relative.split("/")[-1] in message or "fingerprint" in message
 
 
-def test_damaged_base_weights_are_caught_by_their_sha256_whatever_the_backend_layout(damaged, monkeypatch):
-    """The file hash is checked before any layout matters: a transposed fp16 backend sees it too."""
+def test_damaged_base_weights_are_caught_by_their_sha256_whatever_the_backend_layout(damaged):
+    """The file hash is checked while the base is read, also for a transposed fp16 (TensorRT-style) layout."""
+    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.runtime.backends.tensorrt import fill_base_all
+    from rmt_deploy.runtime.baseweights import SafetensorsReader
+
     root = damaged("base_weights.safetensors", "flip")
-    closed = []
-    spec = TensorSpec("w", (4, 6), np.dtype(np.float16), "blocks.0.w", perm=(1, 0))
-    fake = SimpleNamespace(base_file=root / "base_weights.safetensors", specs=[spec], concurrent=False,
-                           read_base=lambda spec, out: pytest.fail("read the base before checking it"),
-                           close=lambda: closed.append(True))
-    monkeypatch.setattr(backends, "create", lambda *args: fake)
-    with pytest.raises(ArtifactError, match=r"base_weights\.safetensors: sha256 .*re-export the bundle"):
-        Engine.load(root)
-    assert closed == [True]
+    bundle = Bundle.open(root)
+    tensor = bundle.manifest.masked_tensors[0]
+    rows, cols = tensor.shape
+    spec = TensorSpec("w", (cols, rows), np.dtype(np.float32), tensor.name, perm=(1, 0))
+    reader = SafetensorsReader(root / "base_weights.safetensors")
+    with pytest.raises(ArtifactError, match=r"base_weights\.safetensors: sha256 .*rebuild the bundle"):
+        fill_base_all(reader, [spec], {"w": np.empty(spec.shape, spec.dtype)},
+                      bundle.record("base_weights.safetensors"))
 
 
-def test_manifest_without_base_sha256_falls_back_to_the_fingerprint(damaged):
+def test_legacy_manifest_without_base_sha256_falls_back_to_the_fingerprint(damaged):
+    from rmt_deploy.manifest import UnverifiedBundleWarning
+
     root = damaged("base_weights.safetensors", "flip")
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest.pop("base_weights_sha256")
+    assert manifest.pop("base_weights_sha256") and manifest.pop("checksums")
+    manifest["version"] = 1
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="fingerprint .*re-export the bundle"):
+    with pytest.warns(UnverifiedBundleWarning), pytest.raises(ArtifactError, match="fingerprint .*rebuild"):
         Engine.load(root, threads=1)
 
 

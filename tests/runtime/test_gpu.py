@@ -179,7 +179,8 @@ def test_tensorrt_pool_holds_transposed_masked_weights(tmp_path):
     trt_backend.read_base_into(reader, specs[0], out)
     np.testing.assert_array_equal(out, base["blocks.0.in_proj_weight"].T)
 
-    pool = TaskPool(specs, lambda spec, buf: trt_backend.read_base_into(reader, spec, buf), capacity=1, workers=1)
+    pool = TaskPool(specs, lambda arrays: trt_backend.fill_base_all(reader, specs, arrays, None), capacity=1,
+                    workers=1)
     masks = {name: rng.random(value.shape) > 0.3 for name, value in base.items()}
     zeros = {s.key: s.stored_indices(np.flatnonzero(~masks[s.tensor])) for s in specs}
     pool.add("t", zeros)

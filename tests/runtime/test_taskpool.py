@@ -20,9 +20,10 @@ def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0):
     specs = [TensorSpec(k, s, np.dtype(np.float32), k) for k, s in SHAPES.items()]
     reads = []
 
-    def read_base(spec, out):
-        reads.append(spec.key)
-        out[...] = base[spec.key]
+    def read_base(arrays):
+        for key, out in arrays.items():
+            reads.append(key)
+            out[...] = base[key]
 
     pool = TaskPool(specs, read_base, capacity)
     masks = {}
@@ -163,7 +164,7 @@ def test_unknown_task_duplicate_task_and_bad_capacity():
     with pytest.raises(InputError, match="already loaded"):
         pool.add("t0", {k: np.zeros(0, np.int64) for k in SHAPES})
     with pytest.raises(InputError, match="cache_tasks=0"):
-        TaskPool([], lambda s, o: None, 0)
+        TaskPool([], lambda arrays: None, 0)
 
 
 @pytest.mark.parametrize("shape, perm", [((6, 4), (1, 0)), ((3, 4, 5), (2, 0, 1)), ((7,), None)])

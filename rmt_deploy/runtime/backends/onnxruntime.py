@@ -15,10 +15,25 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.bundle import Bundle
-from rmt_deploy.errors import ArtifactError, MissingDependencyError, require
+from rmt_deploy.errors import ArtifactError, MissingDependencyError, RmtError, require
+from rmt_deploy.integrity import REBUILD, BackgroundHash
 from rmt_deploy.runtime.backends import CUDA_EP, parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
 from rmt_deploy.runtime.taskpool import Lease, TensorSpec
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _graph_files(bundle: Bundle, base: str) -> list[str]:
+    """The shared graph and its external data file, if the bundle records one."""
+    data = base + ".data"
+    return [base, data] if data in bundle.manifest.checksums else [base]
+
 
 def onnx_files(bundle: Bundle) -> dict[str, Any]:
     files = bundle.manifest.files.get("onnx")
@@ -55,8 +70,17 @@ class OrtBackend:
         manifest = bundle.manifest
         files = onnx_files(bundle)
         model_path = bundle.file(files["base"])
-        self.weights = SafetensorsReader(bundle.file(weights_file(bundle, files)))
+        self.model_path = model_path
+        weights_relative = weights_file(bundle, files)
+        self.weights = SafetensorsReader(bundle.file(weights_relative))
+        self.weights_record = bundle.record(weights_relative)
         self.base_file = self.weights.path
+        self.input_name, self.output_name = manifest.input_name, manifest.output_name
+        self.specs = [TensorSpec(t.input_name, tuple(t.shape), np.dtype(t.dtype), t.name)
+                      for t in manifest.masked_tensors]
+        for spec in self.specs:  # the weights file must hold every tensor as declared, before any allocation
+            self.weights.entry(self._weights_name(spec), spec.dtype, spec.shape)
+        hashes = [BackgroundHash(bundle.file(rel), bundle.record(rel)) for rel in _graph_files(bundle, files["base"])]
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -65,34 +89,46 @@ class OrtBackend:
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for damaged or invalid models
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ArtifactError(f"{model_path}: ONNX Runtime cannot load it ({first}); re-export the bundle") from None
-        self.input_name, self.output_name = manifest.input_name, manifest.output_name
-        self.specs = [TensorSpec(t.input_name, tuple(t.shape), np.dtype(t.dtype), t.name)
-                      for t in manifest.masked_tensors]
+            for digest in hashes:
+                digest.check()  # a damaged file is named as such, not by ORT's parse error
+            raise ArtifactError(f"{model_path}: ONNX Runtime cannot load it ({_first_line(exc)}); "
+                                f"{REBUILD}") from None
+        for digest in hashes:
+            digest.check()
         self._check_graph(model_path)
         self._lock = threading.Lock()
         self._device_slots: dict[int, tuple[int, dict[str, Any]]] = {}
 
     def _check_graph(self, path: Any) -> None:
+        """Graph inputs and outputs (names, shapes, dtypes) must be the ones the manifest describes."""
         # inputs with initializer defaults ("defaults" bundles) are listed as overridable initializers
         inputs = {i.name: i for i in self.session.get_inputs() + self.session.get_overridable_initializers()}
-        outputs = {o.name for o in self.session.get_outputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
         expected = [self.input_name] + [s.key for s in self.specs]
         missing = [n for n in expected if n not in inputs]
         if missing or self.output_name not in outputs or len(inputs) != len(expected):
             raise ArtifactError(
                 f"{path}: graph inputs {sorted(inputs)[:4]}... / outputs {sorted(outputs)} do not match the "
-                f"manifest (missing {missing[:3]}, output {self.output_name!r}); re-export the bundle"
+                f"manifest (missing {missing[:3]}, output {self.output_name!r}); {REBUILD}"
             )
-        for spec in self.specs:
-            shape = inputs[spec.key].shape
-            if list(shape) != list(spec.shape):
-                raise ArtifactError(f"{path}: input {spec.key!r} has shape {shape}, manifest says "
-                                    f"{list(spec.shape)}; re-export the bundle")
+        declared = {s.key: (list(s.shape), s.dtype) for s in self.specs}
+        for name, (shape, dtype) in declared.items():
+            found = inputs[name]
+            if list(found.shape) != shape or found.type != _ORT_TYPES.get(dtype.name):
+                raise ArtifactError(f"{path}: input {name!r} is {found.type} {found.shape}, the manifest says "
+                                    f"{dtype.name} {shape}; {REBUILD}")
+        for node, what in ((inputs[self.input_name], "input"), (outputs[self.output_name], "output")):
+            if node.type != "tensor(float)":
+                raise ArtifactError(f"{path}: {what} {node.name!r} is {node.type}, expected tensor(float); {REBUILD}")
 
-    def read_base(self, spec: TensorSpec, out: np.ndarray) -> None:
-        self.weights.read_into(spec.tensor if spec.tensor in self.weights.entries else spec.key, out)
+    def _weights_name(self, spec: TensorSpec) -> str:
+        return spec.tensor if spec.tensor in self.weights.entries else spec.key
+
+    def fill_base(self, arrays: dict[str, np.ndarray]) -> str:
+        """Read the base values into the pool's first buffers, hashing the file as it is read;
+        returns the file's sha256 (already checked against the manifest's record, if it has one)."""
+        outs = {self._weights_name(spec): arrays[spec.key] for spec in self.specs}
+        return self.weights.read_all_into(outs, self.weights_record)
 
     def prepare(self, lease: Lease) -> None:
         """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU there is nothing to do."""
@@ -100,6 +136,16 @@ class OrtBackend:
             self._device_values(lease)
 
     def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
+        try:
+            return self._run(batch, lease)
+        except Exception as exc:  # noqa: BLE001 - inputs were validated: a failure here is the model's
+            if isinstance(exc, RmtError):
+                raise
+            raise ArtifactError(f"{self.model_path}: ONNX Runtime failed to run it ({_first_line(exc)}); "
+                                f"the bundle may be damaged: check it with `rmt-deploy inspect "
+                                f"{self.model_path.parent} --verify`") from None
+
+    def _run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
         if self.kind == "cpu":
             feeds = dict(lease.arrays)
             feeds[self.input_name] = batch

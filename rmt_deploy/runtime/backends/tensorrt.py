@@ -23,10 +23,13 @@ import numpy as np
 
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import ArtifactError, InputError, InternalError, MissingDependencyError
+from rmt_deploy.integrity import read_verified
 from rmt_deploy.runtime.backends import parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
 from rmt_deploy.runtime.taskpool import Lease, TensorSpec
 from rmt_deploy.tensorrt_files import engine_mismatch
+
+MAX_PLAN_BYTES = 16 << 30
 
 _INSTALL = "pip install 'rmt-deploy[trt]' on a machine with an NVIDIA GPU and driver"
 _REEXPORT = "re-export the bundle with --target trt on this machine"
@@ -129,14 +132,33 @@ def tensor_specs(manifest: Any) -> list[TensorSpec]:
     return specs
 
 
+def source_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """The open_clip (file) shape of a tensor the engine stores transposed by `spec.perm`."""
+    if spec.perm is None:
+        return spec.shape
+    return tuple(spec.shape[spec.perm.index(axis)] for axis in range(len(spec.shape)))
+
+
 def read_base_into(weights: SafetensorsReader, spec: TensorSpec, out: np.ndarray) -> None:
     """The base values of `spec.tensor` into `out`, in the stored (possibly transposed) layout."""
     if spec.perm is None:
         weights.read_into(spec.tensor, out)
         return
-    source = np.empty([out.shape[spec.perm.index(axis)] for axis in range(out.ndim)], out.dtype)
+    source = np.empty(source_shape(spec), out.dtype)
     weights.read_into(spec.tensor, source)
     out[...] = np.transpose(source, spec.perm)
+
+
+def fill_base_all(weights: SafetensorsReader, specs: list[TensorSpec], arrays: Mapping[str, np.ndarray],
+                  record: Any) -> str:
+    """Every spec's base values into `arrays` in one hashed pass over the file (transposed ones via a
+    temporary in the file layout); returns the file's sha256, checked against `record` if given."""
+    staged = {s.tensor: (arrays[s.key] if s.perm is None else np.empty(source_shape(s), s.dtype)) for s in specs}
+    digest = weights.read_all_into(staged, record)
+    for spec in specs:
+        if spec.perm is not None:
+            arrays[spec.key][...] = np.transpose(staged[spec.tensor], spec.perm)
+    return digest
 
 
 @dataclass(frozen=True)
@@ -199,10 +221,14 @@ class TensorRTBackend:
         self.embed_dim = int(manifest.embed_dim)
         path = self._engine_path(bundle, device)
         self.specs = tensor_specs(manifest)  # before any CUDA allocation: a bad map fails cheaply
-        self._load_engine(path)
+        self._load_engine(path, bundle.record(manifest.files["tensorrt"]["base"]))
         self.stream = _check(self.cudart, self.cudart.cudaStreamCreate())
         try:  # from here on a failure frees what was allocated
-            self.weights = SafetensorsReader(bundle.file(manifest.base_weights or "base_weights.safetensors"))
+            weights_relative = manifest.base_weights or "base_weights.safetensors"
+            self.weights = SafetensorsReader(bundle.file(weights_relative))
+            self.weights_record = bundle.record(weights_relative)
+            for spec in self.specs:  # the file must hold each tensor as declared, before any allocation
+                self.weights.entry(spec.tensor, spec.dtype, source_shape(spec))
             self.base_file = self.weights.path
             self._allocate_buffers(path)
         except BaseException:
@@ -227,13 +253,13 @@ class TensorRTBackend:
         self.device_index = index
         return bundle.file(relative)
 
-    def _load_engine(self, path: Path) -> None:
+    def _load_engine(self, path: Path, record: Any) -> None:
         """Deserialise the engine, check its I/O against the manifest, create the execution context."""
         trt = self.trt
         self._use_device()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(read_verified(path, record, MAX_PLAN_BYTES))
         if self.engine is None:
             raise ArtifactError(f"{path}: TensorRT cannot deserialize the engine; {_REEXPORT}")
         why = engine_io_mismatch(self._engine_io(), self.input_name, self.output_name, self.max_batch,
@@ -300,8 +326,8 @@ class TensorRTBackend:
 
     # ------------------------------------------------------------ backend API
 
-    def read_base(self, spec: TensorSpec, out: np.ndarray) -> None:
-        read_base_into(self.weights, spec, out)
+    def fill_base(self, arrays: dict[str, np.ndarray]) -> str:
+        return fill_base_all(self.weights, self.specs, arrays, self.weights_record)
 
     def _activate(self, lease: Lease) -> None:
         """Queue the refit to the lease's weights on the run stream (no-op if already active)."""
