@@ -25,11 +25,12 @@ from rmt_deploy.manifest import (BUNDLE_FORMAT, BUNDLE_VERSION, Manifest, Masked
 from rmt_deploy.taskpack import SUFFIX, EncodedTask, TaskPack, read_encoded, write_atomic
 
 __all__ = ["Bundle", "Manifest", "MaskedTensor", "Preprocess", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST",
-           "TASKS_DIR", "FOLDED_DIR", "UnverifiedBundleWarning", "file_sha256", "record_files"]
+           "TASKS_DIR", "FOLDED_DIR", "FOLDED_TASK_KEY", "UnverifiedBundleWarning", "file_sha256", "record_files"]
 
 MANIFEST = "manifest.json"
 TASKS_DIR = "tasks"
 FOLDED_DIR = "folded"
+FOLDED_TASK_KEY = "rmt_deploy.task"  # ONNX metadata of a folded model: the task it was built for
 MAX_MANIFEST_BYTES = 64 << 20
 
 

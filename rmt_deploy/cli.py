@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 
 import click
 
@@ -58,8 +59,13 @@ def cli() -> None:
     """Train, export and serve Regularized Mask Tuning tasks for open_clip models."""
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings API
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, printing user errors as one line."""
+    """Console entry point: run the CLI, printing user errors and warnings as one line each."""
+    warnings.formatwarning = _one_line_warning
     try:
         cli.main(args=argv, prog_name="rmt-deploy", standalone_mode=False)
     except RmtError as exc:
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         if missing is None:
             raise
         click.echo(f"error: {missing}", err=True)
+        sys.exit(1)
+    except MemoryError:
+        click.echo("error: out of memory; a file declared more data than fits (damaged or hostile input?), or "
+                   "the batch is too large for this machine", err=True)
         sys.exit(1)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("interrupted", err=True)

@@ -1,4 +1,4 @@
-"""`rmt-deploy inspect`: summarise a .rmtask file (numpy only)."""
+"""`rmt-deploy inspect`: summarise a .rmtask file or, through inspect_bundle, a bundle (numpy only)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from rmt_deploy.errors import ArtifactError, InputError
 from rmt_deploy.fingerprint import short
 from rmt_deploy.masks import entropy_bound_for, mask_stats
 from rmt_deploy.taskpack import read_encoded
@@ -81,9 +82,23 @@ def _short_value(value: Any) -> str:
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path: Path, as_json: bool) -> None:
-    """Summarise a .rmtask file: task, classes, base, masks, storage, metrics."""
+@click.option("--verify", is_flag=True,
+              help="Bundle only: check every file's size and sha256 and read every task; exit 1 on any failure.")
+def inspect(path: Path, as_json: bool, verify: bool) -> None:
+    """Summarise a .rmtask file or a bundle directory (tasks, base, files; --verify checks all hashes)."""
+    if path.is_dir():
+        from rmt_deploy.inspect_bundle import format_bundle, summarize_bundle
+
+        summary = summarize_bundle(path, verify=verify)
+        click.echo(json.dumps(summary, indent=2) if as_json else format_bundle(summary))
+        failures = summary.get("verification", {}).get("failures", {})
+        if failures:
+            first = next(iter(failures.items()))
+            raise ArtifactError(f"{path}: {len(failures)} file(s) failed verification; first: {first[1]}")
+        return
+    if verify:
+        raise InputError("--verify checks a bundle directory; a .rmtask file is always checked when read")
     summary = summarize(path)
     click.echo(json.dumps(summary, indent=2) if as_json else _format(summary))

@@ -57,7 +57,7 @@ class FileRecord:
 def relative_path(value: Any, where: str) -> str:
     """A manifest path, checked for form: a non-empty relative POSIX path with no '..' or odd parts."""
     if not isinstance(value, str) or not value or len(value) > 1024 or "\x00" in value or "\\" in value:
-        raise ArtifactError(f"{where}: {str(value)[:80]!r} is not a relative file path inside the bundle")
+        raise ArtifactError(f"{where}: {repr(value)[:80]} is not a relative file path inside the bundle")
     path = PurePosixPath(value)
     if path.is_absolute() or any(part in ("..", ".", "") for part in value.split("/")):
         raise ArtifactError(f"{where}: path {value!r} leaves the bundle (absolute or with '..'); "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.bundle import FOLDED_TASK_KEY, Bundle
 from rmt_deploy.errors import ArtifactError, require
 from rmt_deploy.integrity import REBUILD, BackgroundHash
 
@@ -23,4 +23,8 @@ def folded_session(bundle: Bundle, task: str, threads: int | None = None) -> Any
         raise ArtifactError(f"{bundle.file(relative)}: ONNX Runtime cannot load it "
                             f"({str(exc).strip()[:200] or type(exc).__name__}); {REBUILD}") from None
     digest.check()
+    built_for = session.get_modelmeta().custom_metadata_map.get(FOLDED_TASK_KEY)
+    if built_for != task:
+        raise ArtifactError(f"{bundle.file(relative)}: this folded model was built for task {built_for!r}, the "
+                            f"manifest lists it for {task!r}; {REBUILD}")
     return session

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rmt_deploy.bundle import (FOLDED_DIR, MANIFEST, TASKS_DIR, Bundle, Manifest, MaskedTensor, Preprocess,
+from rmt_deploy.bundle import (FOLDED_DIR, FOLDED_TASK_KEY, MANIFEST, TASKS_DIR, Bundle, Manifest, MaskedTensor, Preprocess,
                                record_files)
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
 from rmt_deploy.export import DEFAULTS, ExportConfig
@@ -158,7 +158,7 @@ def _write_folded(shared_path: Path, pack: TaskPack, base: _Base, stage: Path) -
     model = graphs.fold_task(shared_path, masked, pack.head, pack.logit_scale)
     relative = f"{FOLDED_DIR}/{pack.name}.onnx"
     (stage / FOLDED_DIR).mkdir(exist_ok=True)
-    graphs.save_model(model, stage / relative, {"rmt_deploy.task": pack.name})
+    graphs.save_model(model, stage / relative, {FOLDED_TASK_KEY: pack.name})
     return relative
 
 
