@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import ArtifactError, InputError, UnknownTaskError
-from rmt_deploy.integrity import REBUILD
 from rmt_deploy.fingerprint import fingerprint_arrays, short
+from rmt_deploy.integrity import REBUILD
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
 from rmt_deploy.runtime.taskpool import BASE, TaskPool, TensorSpec

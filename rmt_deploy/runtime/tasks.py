@@ -15,8 +15,8 @@ from typing import Mapping
 import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
-from rmt_deploy.integrity import FileRecord
 from rmt_deploy.fingerprint import short
+from rmt_deploy.integrity import FileRecord
 from rmt_deploy.masks import decode_zero_indices
 from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
 
