@@ -81,6 +81,7 @@ class Manifest:
     masked_inputs: str = "required"
     base_weights: str = ""  # safetensors file: open_clip name -> base value, in the graph input's dtype
     base_weights_sha256: str = ""  # hex sha256 of the base_weights file, checked by the runtime at load
+    quick_gelu: bool = False  # the base's activation (OpenAI CLIP weights: QuickGELU); runtimes rebuild it
     format: str = BUNDLE_FORMAT
     version: int = BUNDLE_VERSION
 

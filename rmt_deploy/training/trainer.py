@@ -293,7 +293,7 @@ class _Run:
             base_fingerprint=self.fingerprint, model_name=self.cfg.model, logit_scale=self.model.logit_scale,
             template=self.template,
             metrics={k: v for k, v in metrics.items() if k not in ("history", "hyperparameters")},
-            hyperparameters=self.cfg.to_dict(),
+            hyperparameters=self.cfg.to_dict(), quick_gelu=self.base.quick_gelu,
         )
         pack_path = pack.save(self.out / f"{self.task}{SUFFIX}")
         metrics_path = self.out / METRICS_FILE
