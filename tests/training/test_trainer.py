@@ -326,3 +326,45 @@ def test_eval_refuses_another_base_and_other_classes(trained, tiny_checkpoint, c
     args = _replace(_replace(args, "--dataset", "imagefolder"), "--data-root", str(tmp_path / "folder"))
     _fails(_replace(args, "--pretrained", str(tiny_checkpoint)), capsys,
            "has classes the task 'dtd' was not trained on .*'x'.*--text-head")
+
+
+# ---- schedule, batch split, resume extension, recorded weights ---------------------------------
+
+
+def test_logged_lr_is_the_rate_each_epoch_trained_with(trained):
+    from rmt_deploy.training.trainer import cosine_lr
+
+    history = json.loads((trained / "metrics.json").read_text())["history"]
+    assert [h["lr"] for h in history] == [cosine_lr(2e-3, e, 3) for e in range(3)]
+    assert history[0]["lr"] == 2e-3  # epoch 1 trains at the full rate, as CosineAnnealingLR's first epoch
+
+
+def test_resume_can_extend_the_epochs(trained, tiny_checkpoint, coop_root, tmp_path, capsys):
+    import shutil
+
+    from rmt_deploy.training.trainer import cosine_lr
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    _fails(train_args(tiny_checkpoint, coop_root, out, "--epochs", "2") + ["--resume"], capsys,
+           "checkpoint is at epoch 3, beyond --epochs 2")
+    code, _, err = _cli(train_args(tiny_checkpoint, coop_root, out, "--epochs", "4") + ["--resume"], capsys)
+    assert code == 0, err
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[3]["lr"] == cosine_lr(2e-3, 3, 4)
+    assert not torch.equal(_final_scores(out), _final_scores(trained))
+
+
+def test_the_global_batch_splits_evenly_or_is_refused():
+    from rmt_deploy.training.trainer import _per_rank_batch
+
+    assert _per_rank_batch(32, 2) == 16 and _per_rank_batch(32, 1) == 32
+    with pytest.raises(InputError, match="--batch-size 32 does not split evenly over 3 processes: use 30 or 33"):
+        _per_rank_batch(32, 3)
+
+
+def test_metrics_record_the_checkpoint_by_name_not_its_folder(trained, tiny_checkpoint):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["pretrained"] == tiny_checkpoint.name == "tiny.safetensors"
+    assert metrics["quick_gelu"] is False and metrics["precision"] == "fp32"
+    assert metrics["hyperparameters"]["pretrained"] == str(tiny_checkpoint)  # the config as run (resume checks it)
