@@ -94,6 +94,7 @@ def train(**options) -> None:
               help="Classes to score: all, base or new (base-to-new generalisation).")
 @click.option("--text-head", is_flag=True,
               help="Encode classes the task was not trained on (e.g. --subsample new) with its template.")
+@click.option("--zero-shot", is_flag=True, help="Leave the masks off: the zero-shot baseline with the same head.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate(task_path, as_json, **options) -> None:
     """Report a TaskPack's top-1 accuracy on a dataset split, or on a class subset of its classes

@@ -66,6 +66,7 @@ class EvalResult:
     accuracy: float
     correct: int
     total: int
+    zero_shot: bool = False  # measured with the masks off
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,6 +89,7 @@ class EvalConfig:
     precision: str = DEFAULT_PRECISION
     subsample: str = "all"  # base-to-new: "base" or "new" half of the classes
     text_head: bool = False  # classes the task was not trained on: encode them with its template
+    zero_shot: bool = False  # leave the masks off: zero-shot CLIP with the same head, the baseline
 
 
 def evaluate_taskpack(config: EvalConfig) -> EvalResult:
@@ -103,7 +105,8 @@ def evaluate_taskpack(config: EvalConfig) -> EvalResult:
         raise InputError(f"task '{pack.name}' masks {unknown[0]!r}, which {pack.model_name} does not have")
     pack.check_base(fingerprint(pack.model_name, {n: params[n] for n in pack.masks}))
     head = task_head(pack, data, base, dev, config.text_head)
-    apply_masks_(base.model, pack.masks)
+    if not config.zero_shot:
+        apply_masks_(base.model, pack.masks)
 
     def logits(images: torch.Tensor) -> torch.Tensor:
         return class_logits(base.model.encode_image(images), head, pack.logit_scale)
@@ -113,7 +116,7 @@ def evaluate_taskpack(config: EvalConfig) -> EvalResult:
         raise InputError(f"split {config.split!r} of {data.name} is empty: choose another --split")
     loader = make_loader(samples, base.preprocess, config.batch_size, config.workers, dev)
     (correct,), total = count_correct([logits], loader, dev, precision)
-    return EvalResult(pack.name, data.name, config.split, correct / total, correct, total)
+    return EvalResult(pack.name, data.name, config.split, correct / total, correct, total, config.zero_shot)
 
 
 def task_head(pack: TaskPack, data: FewShotData, base: BaseModel, device: torch.device,
