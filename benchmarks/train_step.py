@@ -5,7 +5,7 @@ gradient dropout, Adam. Plain step: student forward, one cross-entropy
 backward, Adam. The method's own floor is about 2x; the bound is 2.2x.
 Steps alternate (plain, rmt, rmt, plain, ...); the ratio is the median of the
 ratios of adjacent pairs, which shrugs off load drift on a shared machine.
-On CUDA it also records training images/s in bf16.
+On CUDA it also records training images/s in fp32 (the default) and bf16.
 
     python benchmarks/train_step.py                    # ViT-B-16, CPU, batch 8
     python benchmarks/train_step.py --model rmt-tiny-vit --repeats 3   # quick check
@@ -49,15 +49,15 @@ def timed_step(model, images, labels, cfg, optimizer, generator, device) -> floa
     return time.perf_counter() - start
 
 
-def compare(model: MaskedCLIP, batch: int, repeats: int, device: torch.device, amp: bool) -> dict:
+def compare(model: MaskedCLIP, batch: int, repeats: int, device: torch.device, precision: str) -> dict:
     """Interleaved step times of R-AMT and plain mask tuning on the same batch."""
     size = model.visual.image_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
     images = torch.randn(batch, 3, *size, device=device)
     labels = torch.arange(batch, device=device) % model.head.shape[0]
     configs = {
-        "rmt": TrainConfig("m", "d", "r", "o", gdr=True, amp=amp),
-        "plain": TrainConfig("m", "d", "r", "o", gdr=False, amp=amp),
+        "rmt": TrainConfig("m", "dtd", "r", "o", gdr=True, precision=precision).validate(),
+        "plain": TrainConfig("m", "dtd", "r", "o", gdr=False, precision=precision).validate(),
     }
     optimizer = torch.optim.Adam([model.flat_scores], lr=8e-5)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--gpu-batch", type=int, default=64, help="batch for the CUDA bf16 images/s figure")
+    parser.add_argument("--gpu-batch", type=int, default=32, help="batch for the CUDA fp32/bf16 images/s figures")
     parser.add_argument("--out", default=str(RESULTS / "train_step"), help="results path without suffix")
     args = parser.parse_args(argv)
     if args.threads:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train_step", "model": args.model, "weights": "random", "batch": args.batch,
         "repeats": args.repeats, "masked_weights": int(model.flat_scores.numel()), "bound": BOUND,
         "cpu": {"threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-                **compare(model, args.batch, args.repeats, cpu, amp=False)},
+                **compare(model, args.batch, args.repeats, cpu, "fp32")},
         "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         model = build(args.model, args.classes, gpu)
-        result["cuda"] = {"device": torch.cuda.get_device_name(), "batch": args.gpu_batch, "precision": "bf16",
-                          **compare(model, args.gpu_batch, max(args.repeats, 10), gpu, amp=True)}
+        result["cuda"] = {"device": torch.cuda.get_device_name(), "batch": args.gpu_batch,
+                          **{precision: compare(model, args.gpu_batch, max(args.repeats, 10), gpu, precision)
+                             for precision in ("fp32", "bf16")}}
     else:
         result["cuda"] = None
 
@@ -129,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if result["cuda"]:
         c = result["cuda"]
-        lines.append(f"  CUDA {c['device']} bf16 batch {c['batch']}: R-AMT {c['rmt_images_per_s']:.0f} images/s, "
-                     f"plain {c['plain_images_per_s']:.0f} images/s, ratio {c['ratio']:.2f}")
+        for precision in ("fp32", "bf16"):
+            r = c[precision]
+            lines.append(f"  CUDA {c['device']} {precision} batch {c['batch']}: R-AMT {r['rmt_images_per_s']:.0f} "
+                         f"images/s, plain {r['plain_images_per_s']:.0f} images/s, ratio {r['ratio']:.2f}")
     else:
-        lines.append("  CUDA: no GPU here, bf16 images/s not measured")
+        lines.append("  CUDA: no GPU here, fp32 / bf16 images/s not measured")
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if result["within_bound"] else 1

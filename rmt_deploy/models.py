@@ -5,13 +5,16 @@ pretrained tag or local checkpoint path), built through open_clip's factory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from rmt_deploy.errors import InputError, require
+from rmt_deploy.checkpoint_files import inspect_checkpoint, read_openai_state_dict, save_weights
+from rmt_deploy.errors import InputError, InternalError, require
 from rmt_deploy.fingerprint import fingerprint_arrays
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -21,6 +24,7 @@ _GROUP_SUFFIXES = {
     "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight"),
 }
 _registered = False
+_TAG_PREPROCESS = ("mean", "std", "interpolation", "resize_mode")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class BaseModel:
     tokenizer: Callable
     model_name: str
     pretrained: str | None
+    quick_gelu: bool = False  # the activation built (recorded in TaskPacks and bundles)
 
 
 def _open_clip():
@@ -50,17 +55,18 @@ def list_models() -> list[str]:
     return list(_open_clip().list_models())
 
 
-def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
+def _resolve_pretrained(model_name: str, pretrained: str | None) -> tuple[str, str] | None:
+    """("file", path) or ("tag", tag) for a pretrained argument; None for random weights."""
     if pretrained is None or pretrained == "":
         return None
     path = Path(pretrained).expanduser()
     if path.exists():
         if not path.is_file():
             raise InputError(f"pretrained path {pretrained!r} is not a file: pass a checkpoint file")
-        return str(path)
+        return "file", str(path)
     open_clip = _open_clip()
     if pretrained in open_clip.list_pretrained_tags_by_model(model_name):
-        return pretrained
+        return "tag", pretrained
     looks_like_path = any(ch in pretrained for ch in "/\\") or path.suffix in {".pt", ".pth", ".bin", ".safetensors"}
     if looks_like_path:
         raise InputError(f"checkpoint file {pretrained!r} does not exist: check the path")
@@ -71,43 +77,130 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
     )
 
 
-def load_base(model_name: str, pretrained: str | None = None, device: str = "cpu") -> BaseModel:
-    """Build an open_clip model from a name and a tag, a local checkpoint path or None (random)."""
+@dataclass(frozen=True)
+class Weights:
+    """Where a base's weights lie and what they imply about the model built for them."""
+
+    path: str | None  # a local file (a tag is downloaded through open_clip first); None = random
+    quick_gelu: bool  # the activation the weights were trained with
+    openai_format: bool = False  # OpenAI's JIT archive or state dict: converted here, not by open_clip
+    preprocess: dict[str, Any] = field(default_factory=dict)  # the tag's preprocessing settings
+
+
+def config_quick_gelu(model_name: str) -> bool:
+    """The activation open_clip's config for this model name sets (e.g. ViT-B-16-quickgelu)."""
+    config = _open_clip().get_model_config(model_name) or {}
+    return bool(config.get("quick_gelu", False))
+
+
+def tag_quick_gelu(model_name: str, tag: str) -> bool:
+    """The activation a pretrained tag's weights were trained with (open_clip's registry, e.g. openai: True)."""
+    cfg = _open_clip().get_pretrained_cfg(model_name, tag)
+    return bool(cfg.get("quick_gelu", config_quick_gelu(model_name)))
+
+
+def resolve_weights(model_name: str, pretrained: str | None) -> Weights:
+    """The weights file and the activation for (model name, tag | checkpoint path | None)."""
+    source = _resolve_pretrained(model_name, pretrained)
+    if source is None:
+        return Weights(None, config_quick_gelu(model_name))
+    kind, value = source
+    preprocess: dict[str, Any] = {}
+    if kind == "tag":
+        cfg = _open_clip().get_pretrained_cfg(model_name, value)
+        preprocess = {k: cfg[k] for k in _TAG_PREPROCESS if k in cfg}
+        value = _download(model_name, value, cfg)
+        default = tag_quick_gelu(model_name, source[1])
+    else:
+        default = config_quick_gelu(model_name)
+    info = inspect_checkpoint(value)
+    quick_gelu = info.quick_gelu if info.quick_gelu is not None else default
+    return Weights(value, quick_gelu, info.openai, preprocess)
+
+
+def _download(model_name: str, tag: str, cfg: dict[str, Any]) -> str:
+    open_clip = _open_clip()
+    try:
+        path = open_clip.pretrained.download_pretrained(cfg)
+    except Exception as exc:  # noqa: BLE001  urllib, huggingface_hub and hash checks raise many types
+        raise InputError(f"cannot download {model_name} weights for tag {tag!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): check the network, "
+                         "or pass a local checkpoint file") from None
+    if not path:
+        raise InputError(f"open_clip has no download for {model_name} tag {tag!r}: pass a local checkpoint file")
+    return str(path)
+
+
+def load_base(model_name: str, pretrained: str | None = None, device: str = "cpu",
+              quick_gelu: bool | None = None) -> BaseModel:
+    """Build an open_clip model from a name and a tag, a local checkpoint path or None (random).
+
+    The activation follows the weights (QuickGELU for OpenAI's; see resolve_weights);
+    `quick_gelu` forces it, e.g. to rebuild the graph a task or bundle recorded.
+    """
     open_clip = _open_clip()
     if model_name not in open_clip.list_models():
         raise InputError(
             f"model {model_name!r} is unknown to open_clip (e.g. ViT-B-16, ViT-B-32, rmt-tiny-vit; "
             "see open_clip.list_models())"
         )
-    source = _resolve_pretrained(model_name, pretrained)
+    weights = resolve_weights(model_name, pretrained)
+    act = weights.quick_gelu if quick_gelu is None else bool(quick_gelu)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=source, device=device
-        )
+        model, preprocess = _create(open_clip, model_name, weights, act, device)
     except Exception as exc:  # noqa: BLE001  torch.load, safetensors and pickle raise many types for a bad file
         if isinstance(exc, InputError):
             raise
         raise InputError(
             f"cannot load {model_name} weights from {pretrained!r}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300]}"
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}"
         ) from None
+    if uses_quick_gelu(model) != act:
+        raise InternalError(f"{model_name} was built with quick_gelu={not act}, asked for {act}")
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
-    return BaseModel(model, preprocess, tokenizer, model_name, pretrained)
+    return BaseModel(model, preprocess, tokenizer, model_name, pretrained, act)
+
+
+def _create(open_clip: Any, model_name: str, weights: Weights, quick_gelu: bool, device: str) -> tuple[Any, Any]:
+    """open_clip's factory with the activation forced; OpenAI-format weights are converted, then loaded."""
+    path = None if weights.openai_format else weights.path
+    with _quiet_random_init(weights.openai_format):  # the weights follow; "initialized randomly" would mislead
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=path, device=device, force_quick_gelu=quick_gelu, quick_gelu=quick_gelu,
+            **{f"image_{k}": v for k, v in weights.preprocess.items()},
+        )
+    if weights.openai_format:
+        state = read_openai_state_dict(weights.path)
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    return model, preprocess
+
+
+@contextlib.contextmanager
+def _quiet_random_init(enabled: bool) -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded" log record while a model is built for weights loaded after."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    if enabled:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def uses_quick_gelu(model: Any) -> bool:
+    """Whether the model's transformer blocks use open_clip's QuickGELU (OpenAI CLIP's activation)."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
 def save_checkpoint(model: Any, path: str | Path) -> Path:
-    """Save a model's state dict as .safetensors or a torch .pt file (by suffix)."""
-    torch = require("torch", "train")
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
-    else:
-        torch.save(state, str(path))
-    return path
+    """Save a model's state dict as .safetensors or a torch .pt file (by suffix), recording its activation."""
+    return save_weights(model, path, uses_quick_gelu(model))
 
 
 def maskable_tensors(model: Any, groups: Iterable[str] = ("attn",)) -> dict[str, Any]:

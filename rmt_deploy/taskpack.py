@@ -61,6 +61,7 @@ class TaskPack:
     template: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    quick_gelu: bool = False  # the base's activation: QuickGELU (OpenAI CLIP weights) or GELU
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
@@ -102,6 +103,7 @@ class TaskPack:
             "logit_scale": float(self.logit_scale),
             "base_fingerprint": self.base_fingerprint,
             "model_name": self.model_name,
+            "quick_gelu": bool(self.quick_gelu),
             "masked_tensors": [
                 {"name": n, "shape": list(m.shape), "dtype": "bool"} for n, m in self.masks.items()
             ],
@@ -301,6 +303,7 @@ def _load(path: Path, record: FileRecord | None, expected_name: str | None) -> T
             template=str(meta.get("template", "")),
             metrics=dict(meta.get("metrics", {})),
             hyperparameters=dict(meta.get("hyperparameters", {})),
+            quick_gelu=bool(meta.get("quick_gelu", False)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None

@@ -1,72 +1,130 @@
-"""Render finished paper runs (OUT/<dataset>/seed<k>/metrics.json) beside the published numbers."""
+"""Collect finished cells (plan.py) and render them like the paper's tables, as Markdown and as JSON."""
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
 
+from plan import METRICS, NEW, Cell
 from published import PUBLISHED_16_SHOT, PUBLISHED_RMT_AVERAGE_BY_SHOTS
 
 
-def collect(out: Path, datasets: list[str], seeds: list[int]) -> dict[str, dict]:
-    """Per dataset: the seeds found and their test, zero-shot and sparsity figures (%)."""
-    found = {}
-    for dataset in datasets:
-        runs = []
-        for seed in seeds:
-            path = out / dataset / f"seed{seed}" / "metrics.json"
-            if path.is_file():
-                m = json.loads(path.read_text())
-                runs.append({"seed": seed, "test": 100 * m["test_accuracy"],
-                             "zero_shot": 100 * m["zero_shot_test_accuracy"], "sparsity": 100 * m["sparsity"]})
-        found[dataset] = {"runs": runs}
-        if runs:
-            for key in ("test", "zero_shot", "sparsity"):
-                values = [r[key] for r in runs]
-                found[dataset][key] = statistics.mean(values)
-                found[dataset][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return found
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(values)} if values else {"mean": None, "std": None, "seeds": 0}
 
 
-def _cell(value: float | None, std: float | None = None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" + (f" ± {std:.2f}" if std else "")
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def render(out: Path, datasets: list[str], seeds: list[int], shots: int) -> tuple[str, dict]:
-    """A markdown table (ours vs published zero-shot and R-AMT) and a JSON-able summary."""
-    found = collect(out, datasets, seeds)
-    published_note = "published: ViT-B/16, 16 shots" if shots == 16 else (
-        f"published per-dataset numbers are 16-shot; the published {shots}-shot R-AMT average is "
-        f"{PUBLISHED_RMT_AVERAGE_BY_SHOTS.get(shots, 'not reported')}")
-    lines = [
-        f"R-AMT reproduction, {shots} shots, seeds {', '.join(map(str, seeds))} ({published_note})", "",
-        "| dataset | seeds | zero-shot (ours) | zero-shot (paper) | R-AMT (ours) | R-AMT (paper) | delta | sparsity % |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    ours, paper, zs_ours, zs_paper = [], [], [], []
-    for dataset in datasets:
-        name, zs_pub, _, _, rmt_pub = PUBLISHED_16_SHOT[dataset]
-        row = found[dataset]
-        if row["runs"]:
-            ours.append(row["test"])
-            paper.append(rmt_pub)
-            zs_ours.append(row["zero_shot"])
-            zs_paper.append(zs_pub)
-        delta = f"{row['test'] - rmt_pub:+.2f}" if row["runs"] and shots == 16 else "-"
-        lines.append(
-            f"| {name} | {len(row['runs'])} | {_cell(row.get('zero_shot'))} | {zs_pub:.2f} | "
-            f"{_cell(row.get('test'), row.get('test_std'))} | {rmt_pub:.2f} | {delta} | {_cell(row.get('sparsity'))} |"
-        )
-    if ours:
-        mean = statistics.mean
-        delta = f"{mean(ours) - mean(paper):+.2f}" if shots == 16 else "-"
-        lines.append(
-            f"| average ({len(ours)} datasets) | | {mean(zs_ours):.2f} | {mean(zs_paper):.2f} | {mean(ours):.2f} | "
-            f"{mean(paper):.2f} | {delta} | |"
-        )
-    summary = {"shots": shots, "seeds": seeds, "datasets": found,
-               "average_ours": statistics.mean(ours) if ours else None,
-               "average_paper_same_datasets": statistics.mean(paper) if paper else None}
-    return "\n".join(lines) + "\n", summary
+def few_shot(out: Path, datasets: list[str], shots: list[int], seeds: list[int]) -> dict:
+    """Per shot count and dataset: test and zero-shot accuracy (%) over seeds, the published figures, delta."""
+    summary = {}
+    for k in shots:
+        rows = {}
+        for dataset in datasets:
+            runs = [m for s in seeds if (m := _read(Cell("few_shot", dataset, k, s).train_dir(out) / METRICS))]
+            name, zs_paper, _, _, rmt_paper = PUBLISHED_16_SHOT.get(dataset, (dataset, None, None, None, None))
+            ours = _stats([100 * m["test_accuracy"] for m in runs])
+            row = {"name": name, "rmt": ours, "zero_shot": _stats([100 * m["zero_shot_test_accuracy"] for m in runs]),
+                   "sparsity": _stats([100 * m["sparsity"] for m in runs]),
+                   "zero_shot_paper": zs_paper, "rmt_paper": rmt_paper if k == 16 else None}
+            row["delta"] = (ours["mean"] - row["rmt_paper"]) if ours["mean"] is not None and row["rmt_paper"] else None
+            rows[dataset] = row
+        done = [r for r in rows.values() if r["rmt"]["mean"] is not None]
+        average = {"datasets": len(done),
+                   "rmt": statistics.mean(r["rmt"]["mean"] for r in done) if done else None,
+                   "zero_shot": statistics.mean(r["zero_shot"]["mean"] for r in done) if done else None,
+                   # the published per-shot average is over all 11 datasets: comparable only when all are here
+                   "rmt_paper": PUBLISHED_RMT_AVERAGE_BY_SHOTS.get(k) if len(done) == len(PUBLISHED_16_SHOT) else None}
+        if k == 16 and done and all(r["rmt_paper"] is not None for r in done):
+            average["rmt_paper"] = statistics.mean(r["rmt_paper"] for r in done)
+        average["delta"] = average["rmt"] - average["rmt_paper"] if done and average["rmt_paper"] else None
+        summary[str(k)] = {"datasets": rows, "average": average}
+    return summary
+
+
+def base_to_new(out: Path, datasets: list[str], shots: list[int], seeds: list[int]) -> dict:
+    """Per shot count and dataset: base, new and their harmonic mean (%), R-AMT and zero-shot (CoCoOp protocol)."""
+    summary = {}
+    for k in shots:
+        rows = {}
+        for dataset in datasets:
+            cells = [Cell("base_to_new", dataset, k, s) for s in seeds]
+            pairs = [(b, n) for c in cells if (b := _read(c.train_dir(out) / METRICS)) and (n := _read(c.result(out)))]
+            row = {"base": _stats([100 * b["test_accuracy"] for b, _ in pairs]),
+                   "new": _stats([100 * n["accuracy"] for _, n in pairs]),
+                   "zero_shot_base": _stats([100 * b["zero_shot_test_accuracy"] for b, _ in pairs]),
+                   "zero_shot_new": _stats([100 * n["zero_shot_accuracy"] for _, n in pairs])}
+            row["hm"] = _harmonic(row["base"]["mean"], row["new"]["mean"])
+            row["zero_shot_hm"] = _harmonic(row["zero_shot_base"]["mean"], row["zero_shot_new"]["mean"])
+            rows[dataset] = row
+        summary[str(k)] = rows
+    return summary
+
+
+def _harmonic(a: float | None, b: float | None) -> float | None:
+    """The harmonic mean of the mean base and mean new accuracy, as CoCoOp's tables report it."""
+    if a is None or b is None or a + b == 0:
+        return None
+    return 2 * a * b / (a + b)
+
+
+def domain(out: Path, variants: list[str], shots: int, seeds: list[int]) -> dict:
+    """Source (ImageNet) and each target's accuracy (%), R-AMT and zero-shot, over seeds."""
+    rows = {}
+    source = [m for s in seeds if (m := _read(Cell("domain", "imagenet", shots, s).train_dir(out) / METRICS))]
+    rows["imagenet"] = {"rmt": _stats([100 * m["test_accuracy"] for m in source]),
+                        "zero_shot": _stats([100 * m["zero_shot_test_accuracy"] for m in source])}
+    for variant in variants:
+        found = [r for s in seeds if (r := _read(Cell("domain", "imagenet", shots, s, variant).result(out)))]
+        rows[variant] = {"rmt": _stats([100 * r["accuracy"] for r in found]),
+                         "zero_shot": _stats([100 * r["zero_shot_accuracy"] for r in found])}
+    return rows
+
+
+def _cell(stats: dict | float | None, std: bool = True) -> str:
+    if isinstance(stats, dict):
+        if stats["mean"] is None:
+            return "-"
+        return f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if std and stats["seeds"] > 1 else "")
+    return "-" if stats is None else f"{stats:.2f}"
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def markdown(summary: dict, seeds: list[int]) -> str:
+    """The tables of whatever protocols the summary holds."""
+    lines = [f"# R-AMT reproduction (accuracy %, mean ± std over seeds {', '.join(map(str, seeds))})", ""]
+    for k, table in summary.get("few_shot", {}).items():
+        lines += [f"## Few-shot, {k} shots", "",
+                  "| dataset | seeds | zero-shot (ours) | zero-shot (paper) | R-AMT (ours) | R-AMT (paper) | delta "
+                  "| sparsity % |", "|---|---|---|---|---|---|---|---|"]
+        for row in table["datasets"].values():
+            lines.append(f"| {row['name']} | {row['rmt']['seeds']} | {_cell(row['zero_shot'], False)} | "
+                         f"{_cell(row['zero_shot_paper'])} | {_cell(row['rmt'])} | {_cell(row['rmt_paper'])} | "
+                         f"{_signed(row['delta'])} | {_cell(row['sparsity'], False)} |")
+        a = table["average"]
+        lines += [f"| average ({a['datasets']} datasets) | | {_cell(a['zero_shot'])} | | {_cell(a['rmt'])} | "
+                  f"{_cell(a['rmt_paper'])} | {_signed(a['delta'])} | |", ""]
+    for k, rows in summary.get("base_to_new", {}).items():
+        lines += [f"## Base-to-new, {k} shots (train on base classes; HM = harmonic mean)", "",
+                  "| dataset | seeds | base | new | HM | zero-shot base | zero-shot new | zero-shot HM |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for dataset, r in rows.items():
+            lines.append(f"| {dataset} | {r['base']['seeds']} | {_cell(r['base'])} | {_cell(r['new'])} | "
+                         f"{_cell(r['hm'])} | {_cell(r['zero_shot_base'], False)} | "
+                         f"{_cell(r['zero_shot_new'], False)} | {_cell(r['zero_shot_hm'])} |")
+        lines.append("")
+    if "domain" in summary:
+        lines += ["## Domain generalisation (train ImageNet, evaluate its variants)", "",
+                  "| target | seeds | R-AMT | zero-shot | delta |", "|---|---|---|---|---|"]
+        for target, r in summary["domain"].items():
+            delta = r["rmt"]["mean"] - r["zero_shot"]["mean"] if r["rmt"]["mean"] is not None else None
+            lines.append(f"| {target} | {r['rmt']['seeds']} | {_cell(r['rmt'])} | {_cell(r['zero_shot'], False)} | "
+                         f"{_signed(delta)} |")
+        lines.append("")
+    return "\n".join(lines)

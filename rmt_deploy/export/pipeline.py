@@ -44,6 +44,7 @@ class _Base:
     names: dict[str, str]          # open_clip name -> graph input name
     preprocess: Preprocess
     embed_dim: int
+    quick_gelu: bool = False
 
     @property
     def torch_params(self) -> dict[str, Any]:
@@ -82,10 +83,20 @@ def _load_base(config: ExportConfig, packs: list[TaskPack]) -> _Base:
     base_fp = fingerprint(config.model_name, params)
     embed_dim = int(loaded.model.visual.output_dim)
     _check_packs(packs, base_fp, params, embed_dim)
+    _check_activation(packs, loaded.quick_gelu)
     dtype = np.float16 if config.fp16 else np.float32
     values = {name: p.detach().cpu().float().numpy().astype(dtype) for name, p in params.items()}
     return _Base(loaded.model, packs, base_fp, values, graphs.input_names(list(params)),
-                 Preprocess(**preprocess_config(loaded.model)), embed_dim)
+                 Preprocess(**preprocess_config(loaded.model)), embed_dim, loaded.quick_gelu)
+
+
+def _check_activation(packs: list[TaskPack], quick_gelu: bool) -> None:
+    """A pack trained with the other activation would be served through a graph it was not trained on."""
+    for pack in packs:
+        if pack.quick_gelu != quick_gelu:
+            raise IncompatibleBaseError(
+                f"task '{pack.name}' was trained with quick_gelu={pack.quick_gelu}, the base loads with "
+                f"quick_gelu={quick_gelu}: export with the weights the task was trained on, or retrain it")
 
 
 def _write_bundle(stage: Path, base: _Base, config: ExportConfig, steps: "_Progress", report: ExportReport,
@@ -135,7 +146,7 @@ def _manifest(base: _Base, config: ExportConfig, files: dict[str, Any], tensorrt
         embed_dim=base.embed_dim, tasks=[p.name for p in base.packs], files=files, max_batch=config.max_batch,
         precision=config.precision, tensorrt=tensorrt_entry, tools=_tool_versions(),
         masked_inputs=config.masked_inputs, base_weights=BASE_WEIGHTS if config.mode != "folded" else "",
-        base_weights_sha256=base_sha,
+        base_weights_sha256=base_sha, quick_gelu=base.quick_gelu,
     )
 
 

@@ -2,14 +2,19 @@
 
 CoOp layout and templates follow reference/RMT.md. Few-shot sampling follows
 CoOp: with one `random.Random(seed)`, K images per class from train, then
-min(K, 4) per class from val (all of a class when it has fewer), classes in
-order of first appearance; the test split is used in full.
+min(K, 4) per class from val (all of a class when it has fewer, as Dassl
+does), classes in order of first appearance; the test split is used in full.
+Base-to-new (CoCoOp) then keeps the first ceil(C/2) labels ("base") or the
+rest ("new"), relabelled from 0. ImageNet's test-only variants (V2, Sketch, A,
+R) are read by rmt_deploy.training.variants.
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +66,15 @@ COOP_DATASETS = {
                     "a photo of a person doing {}."),
     ]
 }
-DATASET_NAMES = (*COOP_DATASETS, IMAGEFOLDER)
+IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # test only (variants.py)
+DATASET_NAMES = (*COOP_DATASETS, *IMAGENET_VARIANTS, IMAGEFOLDER)
+SUBSAMPLES = ("all", "base", "new")
 _ALIASES = {d.coop_name.lower(): d.key for d in COOP_DATASETS.values()} | {
     d.folder.lower(): d.key for d in COOP_DATASETS.values()
-} | {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars", "aircraft": "fgvc_aircraft"}
-# EuroSAT folder names, as CoOp renames them, in case a split file carries the raw ones
+} | {"flowers102": "oxford_flowers", "pets": "oxford_pets", "cars": "stanford_cars", "aircraft": "fgvc_aircraft",
+     "imagenet-v2": "imagenetv2", "imagenet-sketch": "imagenet_sketch", "imagenet-a": "imagenet_a",
+     "imagenet-r": "imagenet_r", "imagenet-adversarial": "imagenet_a", "imagenet-rendition": "imagenet_r"}
+# EuroSAT folder names, as CoOp renames them, in case a split file carries the raw ones (EuroSAT only)
 _EUROSAT_NAMES = {
     "AnnualCrop": "Annual Crop Land", "HerbaceousVegetation": "Herbaceous Vegetation Land",
     "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
@@ -85,6 +94,10 @@ class FewShotData:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    # a class subset of a larger label space (base/new halves, ImageNet-A/R): that space's class names,
+    # and the index in it of each of this dataset's classes
+    parent_classes: list[str] | None = None
+    parent_index: list[int] | None = None
 
     def split(self, split: str) -> list[Sample]:
         """The samples of 'train', 'val' or 'test'."""
@@ -93,9 +106,9 @@ class FewShotData:
         return getattr(self, split)
 
 
-def clean_class_name(name: str) -> str:
-    """CoOp clean-up: lower case, '_' as a space."""
-    return _EUROSAT_NAMES.get(name, name).replace("_", " ").lower().strip()
+def clean_class_name(name: str, renames: dict[str, str] | None = None) -> str:
+    """CoOp clean-up: lower case, '_' as a space (after a dataset's own renames, e.g. EuroSAT's)."""
+    return (renames or {}).get(name, name).replace("_", " ").lower().strip()
 
 
 def resolve_dataset(name: str) -> str:
@@ -108,13 +121,19 @@ def resolve_dataset(name: str) -> str:
     raise InputError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
 
 
-def build_dataset(name: str, root: str | Path, shots: int, seed: int) -> FewShotData:
-    """Read a dataset under `root` and sample its few-shot train/val splits (shots <= 0: all)."""
+def build_dataset(name: str, root: str | Path, shots: int, seed: int, subsample: str = "all") -> FewShotData:
+    """Read a dataset under `root`, sample its few-shot train/val splits (shots <= 0: all), keep `subsample`."""
     key = resolve_dataset(name)
+    if subsample not in SUBSAMPLES:
+        raise InputError(f"--subsample {subsample!r} is not one of {', '.join(SUBSAMPLES)}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise InputError(f"data root {str(root)!r} does not exist or is not a folder: pass --data-root DIR")
-    if key == IMAGEFOLDER:
+    if key in IMAGENET_VARIANTS:
+        from rmt_deploy.training.variants import read_variant  # it builds on this module's readers
+
+        data = read_variant(key, root)
+    elif key == IMAGEFOLDER:
         data = _read_imagefolder(root)
     else:
         spec = COOP_DATASETS[key]
@@ -128,29 +147,52 @@ def build_dataset(name: str, root: str | Path, shots: int, seed: int) -> FewShot
         data = reader(spec, folder)
     train, val = sample_few_shot(data.train, data.val, shots, seed, data)
     data.train, data.val = train, val
+    data = subsample_classes(data, subsample)
     _check_files(data)
     return data
+
+
+def subsample_classes(data: FewShotData, which: str) -> FewShotData:
+    """CoCoOp's base-to-new split: labels [0, ceil(C/2)) are "base", the rest "new", each relabelled from 0."""
+    if which == "all":
+        return data
+    count = len(data.class_names)
+    half = math.ceil(count / 2)
+    keep = list(range(half)) if which == "base" else list(range(half, count))
+    if not keep:
+        raise InputError(f"{data.name} has {count} class(es): too few for a base/new split")
+    relabel = {old: new for new, old in enumerate(keep)}
+
+    def select(samples: list[Sample]) -> list[Sample]:
+        return [(path, relabel[label]) for path, label in samples if label in relabel]
+
+    parent = data.parent_classes or data.class_names
+    index = [data.parent_index[i] for i in keep] if data.parent_index else keep
+    return FewShotData(data.name, [data.class_names[i] for i in keep], data.template, select(data.train),
+                       select(data.val), select(data.test), parent, index)
 
 
 def sample_few_shot(
     train: list[Sample], val: list[Sample], shots: int, seed: int, data: FewShotData | None = None
 ) -> tuple[list[Sample], list[Sample]]:
-    """K per class from train, then min(K, 4) per class from val, one seeded RNG (CoOp)."""
+    """K per class from train, then min(K, 4) per class from val, one seeded RNG (CoOp).
+
+    A class with fewer than K images contributes all of them, as Dassl does (with a warning).
+    """
     if shots <= 0:
         return list(train), list(val)
     rng = random.Random(seed)
     out = []
-    for split, k, strict in ((train, shots, True), (val, min(shots, 4), False)):
+    for split, k in ((train, shots), (val, min(shots, 4))):
         chosen = []
-        for label, items in _by_label(split).items():
-            if len(items) < k and strict:
-                cls = data.class_names[label] if data else label
-                raise InputError(
-                    f"class {cls!r} has {len(items)} training image(s), fewer than --shots {shots}: "
-                    "lower --shots or add images"
-                )
+        for items in _by_label(split).values():
             chosen.extend(rng.sample(items, k) if len(items) >= k else items)
         out.append(chosen)
+    short = [label for label, items in _by_label(train).items() if len(items) < shots]
+    if short:
+        first = data.class_names[short[0]] if data else short[0]
+        warnings.warn(f"{len(short)} class(es) have fewer than {shots} training images (e.g. {first!r}): "
+                      "all of their images are used", stacklevel=2)
     return out[0], out[1]
 
 
@@ -187,6 +229,7 @@ def _read_split_json(spec: CoopDataset, folder: Path) -> FewShotData:
     path = folder / spec.split_file
     split = _load_json(path)
     image_dir = folder / spec.image_dir if spec.image_dir else folder
+    renames = _EUROSAT_NAMES if spec.key == "eurosat" else None
     names: dict[int, str] = {}
     parts = {}
     for part in ("train", "val", "test"):
@@ -200,7 +243,7 @@ def _read_split_json(spec: CoopDataset, folder: Path) -> FewShotData:
                     f"split file {str(path)!r}: entry {entry!r} in {part!r} is not [relative_path, label, classname]"
                 )
             rel, label, cname = entry
-            names.setdefault(label, clean_class_name(str(cname)))
+            names.setdefault(label, clean_class_name(str(cname), renames))
             samples.append((image_dir / str(rel), label))
         parts[part] = samples
     class_names = _contiguous(names, path)
@@ -238,38 +281,44 @@ def _read_aircraft(spec: CoopDataset, folder: Path) -> FewShotData:
     return FewShotData(spec.key, names, spec.template, parts["train"], parts["val"], parts["test"])
 
 
+def read_classnames(path: Path) -> dict[str, str]:
+    """CoOp's ImageNet classnames.txt: one '<wnid> <class name>' per line, in file order."""
+    if not path.is_file():
+        raise InputError(f"class name file {str(path)!r} not found: copy CoOp's imagenet/classnames.txt there")
+    names = {}
+    for line in path.read_text().splitlines():
+        wnid, _, cname = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = cname.strip()
+    return names
+
+
 def _read_imagenet(spec: CoopDataset, folder: Path) -> FewShotData:
     """imagenet/images/{train,val}/<wnid>/ + classnames.txt ('<wnid> <name>'); val is the test split."""
     names_file = folder / spec.split_file
-    if not names_file.is_file():
-        raise InputError(f"class name file {str(names_file)!r} not found: ImageNet needs CoOp's classnames.txt")
-    wnid_names = {}
-    for line in names_file.read_text().splitlines():
-        wnid, _, cname = line.strip().partition(" ")
-        if wnid:
-            wnid_names[wnid] = cname.strip()
+    wnid_names = read_classnames(names_file)
     parts, wnids = {}, None
     for part, sub in (("train", "train"), ("test", "val")):
         split_dir = folder / spec.image_dir / sub
         if not split_dir.is_dir():
             raise InputError(f"ImageNet folder {str(split_dir)!r} not found (expected images/train and images/val)")
-        found = [p.name for p in _class_folders(split_dir)]
+        found = [p.name for p in class_folders(split_dir)]
         wnids = wnids or found
         unknown = [w for w in found if w not in wnid_names or w not in wnids]
         if unknown:
             raise InputError(f"ImageNet class folder {str(split_dir / unknown[0])!r} is not a class of "
                              f"{str(names_file)!r} and images/train")
         label = {w: i for i, w in enumerate(wnids)}
-        parts[part] = [(img, label[w]) for w in found for img in _images(split_dir / w)]
+        parts[part] = [(img, label[w]) for w in found for img in images_in(split_dir / w)]
     class_names = [clean_class_name(wnid_names[w]) for w in wnids]
     return FewShotData(spec.key, class_names, spec.template, parts["train"], list(parts["test"]), parts["test"])
 
 
-def _images(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def _class_folders(folder: Path) -> list[Path]:
+def class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -277,29 +326,29 @@ def _read_imagefolder(root: Path) -> FewShotData:
     """Class folders under root, or train/ [val/] test/ folders of class folders."""
     name = task_name_from(root.name)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        classes = [p.name for p in _class_folders(root / "train")]
+        classes = [p.name for p in class_folders(root / "train")]
         parts = {}
         for part in ("train", "val", "test"):
             split_dir = root / part
             if not split_dir.is_dir():
                 parts[part] = []
                 continue
-            extra = sorted({p.name for p in _class_folders(split_dir)} - set(classes))
+            extra = sorted({p.name for p in class_folders(split_dir)} - set(classes))
             if extra:
                 raise InputError(f"class folder {str(split_dir / extra[0])!r} has no counterpart in train/")
             parts[part] = [
                 (img, label) for label, c in enumerate(classes) if (split_dir / c).is_dir()
-                for img in _images(split_dir / c)
+                for img in images_in(split_dir / c)
             ]
         train, val, test = parts["train"], parts["val"], parts["test"]
     else:
-        classes = [p.name for p in _class_folders(root)]
+        classes = [p.name for p in class_folders(root)]
         if len(classes) < 2:
             raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
         train, val, test = [], [], []
         rng = random.Random(SPLIT_SEED)
         for label, c in enumerate(classes):
-            images = _images(root / c)
+            images = images_in(root / c)
             if len(images) < 2:
                 raise InputError(
                     f"class folder {str(root / c)!r} has {len(images)} image(s): a seeded split needs at least 2 "

@@ -1,7 +1,6 @@
 """The text-side class head, accuracy over a split, and `rmt-deploy eval` of a TaskPack."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -12,10 +11,11 @@ import torch.nn.functional as F
 from rmt_deploy.errors import InputError
 from rmt_deploy.models import BaseModel, fingerprint, load_base
 from rmt_deploy.taskpack import TaskPack
-from rmt_deploy.training.data import Sample, build_dataset
+from rmt_deploy.training.data import FewShotData, Sample, build_dataset
 from rmt_deploy.training.distributed import DistContext, resolve_device
 from rmt_deploy.training.loading import ImageDataset, batches
 from rmt_deploy.training.masking import apply_masks_
+from rmt_deploy.training.precision import DEFAULT_PRECISION, autocast, check_precision, class_logits
 
 
 @torch.no_grad()
@@ -26,13 +26,6 @@ def class_head(base: BaseModel, class_names: Sequence[str], template: str, devic
     text_tower = base.model
     tokens = base.tokenizer([template.format(name) for name in class_names]).to(device)
     return F.normalize(text_tower.encode_text(tokens).float(), dim=-1)
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (scores and logits stay fp32), nothing on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def make_loader(samples: Sequence[Sample], transform: Callable, batch_size: int, workers: int,
@@ -49,14 +42,14 @@ def count_correct(
     logit_fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     loader: torch.utils.data.DataLoader,
     device: torch.device,
-    amp: bool = True,
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[list[int], int]:
     """Correct top-1 predictions of each logit function over one pass of the loader, and the total."""
     correct, total = [0] * len(logit_fns), 0
     for images, labels in batches(loader):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with autocast_for(device, amp):
+        with autocast(device, precision):
             for i, fn in enumerate(logit_fns):
                 correct[i] += int((fn(images).argmax(-1) == labels).sum())
         total += int(labels.numel())
@@ -73,42 +66,81 @@ class EvalResult:
     accuracy: float
     correct: int
     total: int
+    zero_shot: bool = False  # measured with the masks off
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def evaluate_taskpack(
-    task: str | Path, dataset: str, data_root: str | Path, pretrained: str | None, split: str = "test",
-    batch_size: int = 64, device: str = "auto", workers: int = 2, shots: int = 0, seed: int = 1,
-) -> EvalResult:
-    """Top-1 accuracy of a TaskPack on a dataset split, on the base it was trained on."""
-    pack = TaskPack.load(task)
-    data = build_dataset(dataset, data_root, shots, seed)
-    if data.class_names != pack.class_names:
-        raise InputError(
-            f"dataset {data.name} has classes {data.class_names[:4]}..., task '{pack.name}' was trained on "
-            f"{pack.class_names[:4]}...: evaluate on the dataset the task was trained for"
-        )
-    dev = resolve_device(device)
-    base = load_base(pack.model_name, pretrained, device=str(dev))
+@dataclass
+class EvalConfig:
+    """One `rmt-deploy eval`: a task file, the data to score it on and how."""
+
+    task: str | Path
+    dataset: str
+    data_root: str | Path
+    pretrained: str | None = None
+    split: str = "test"
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 2
+    shots: int = 0  # few-shot sample of train/val; 0 = the full split
+    seed: int = 1
+    precision: str = DEFAULT_PRECISION
+    subsample: str = "all"  # base-to-new: "base" or "new" half of the classes
+    text_head: bool = False  # classes the task was not trained on: encode them with its template
+    zero_shot: bool = False  # leave the masks off: zero-shot CLIP with the same head, the baseline
+
+
+def evaluate_taskpack(config: EvalConfig) -> EvalResult:
+    """Top-1 accuracy of a TaskPack on a dataset split, on the base (and activation) it was trained on."""
+    pack = TaskPack.load(config.task)
+    data = build_dataset(config.dataset, config.data_root, config.shots, config.seed, config.subsample)
+    dev = resolve_device(config.device)
+    precision = check_precision(config.precision, dev)
+    base = load_base(pack.model_name, config.pretrained, device=str(dev), quick_gelu=pack.quick_gelu)
     params = dict(base.model.named_parameters())
     unknown = [n for n in pack.masks if n not in params]
     if unknown:
         raise InputError(f"task '{pack.name}' masks {unknown[0]!r}, which {pack.model_name} does not have")
     pack.check_base(fingerprint(pack.model_name, {n: params[n] for n in pack.masks}))
-    apply_masks_(base.model, pack.masks)
-    head = torch.from_numpy(pack.head).to(dev)
+    head = task_head(pack, data, base, dev, config.text_head)
+    if not config.zero_shot:
+        apply_masks_(base.model, pack.masks)
 
     def logits(images: torch.Tensor) -> torch.Tensor:
-        return pack.logit_scale * F.normalize(base.model.encode_image(images).float(), dim=-1) @ head.t()
+        return class_logits(base.model.encode_image(images), head, pack.logit_scale)
 
-    samples = data.split(split)
+    samples = data.split(config.split)
     if not samples:
-        raise InputError(f"split {split!r} of {data.name} is empty: choose another --split")
-    loader = make_loader(samples, base.preprocess, batch_size, workers, dev)
-    (correct,), total = count_correct([logits], loader, dev)
-    return EvalResult(pack.name, data.name, split, correct / total, correct, total)
+        raise InputError(f"split {config.split!r} of {data.name} is empty: choose another --split")
+    loader = make_loader(samples, base.preprocess, config.batch_size, config.workers, dev)
+    (correct,), total = count_correct([logits], loader, dev, precision)
+    return EvalResult(pack.name, data.name, config.split, correct / total, correct, total, config.zero_shot)
+
+
+def task_head(pack: TaskPack, data: FewShotData, base: BaseModel, device: torch.device,
+              text_head: bool = False) -> torch.Tensor:
+    """The head rows for the dataset's classes: the task's own, a subset of them, or (text_head) encoded anew.
+
+    Call before masks are applied: a text head comes from the unmasked text tower, as in training.
+    """
+    head = torch.from_numpy(pack.head).to(device)
+    if data.class_names == pack.class_names:
+        return head
+    if data.parent_classes == pack.class_names and data.parent_index is not None:
+        return head[data.parent_index]  # ImageNet-A/R, or a base/new half of the task's own classes
+    index = {name: i for i, name in enumerate(pack.class_names)}
+    if all(name in index for name in data.class_names) and len(index) == len(pack.class_names):
+        return head[[index[name] for name in data.class_names]]
+    if text_head:
+        return class_head(base, data.class_names, pack.template or data.template, device)
+    missing = [name for name in data.class_names if name not in index]
+    raise InputError(
+        f"dataset {data.name} has classes the task '{pack.name}' was not trained on "
+        f"(e.g. {(missing or data.class_names)[0]!r}): evaluate on its dataset or a class subset of it, "
+        "or pass --text-head to encode the new classes with the task's template"
+    )
 
 
 def sharded(samples: Sequence[Sample], dist: DistContext) -> list[Sample]:

@@ -18,10 +18,10 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.training.precision import class_logits
 
 SCORE_INIT = 1e-2
 THRESHOLD = 5e-3
@@ -123,22 +123,20 @@ class MaskedCLIP(nn.Module):
 
     def image_features(self, images: torch.Tensor, masked: bool = True,
                        scores: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """L2-normalised float32 image embeddings, with the masks on (student) or off (teacher)."""
+        """Image embeddings (unnormalised, in autocast's dtype), with the masks on (student) or off (teacher)."""
         if masked:
-            features = torch.func.functional_call(self.visual, self.masked_weights(scores), (images,))
-        else:
-            features = self.visual(images)
-        return F.normalize(features.float(), dim=-1)
+            return torch.func.functional_call(self.visual, self.masked_weights(scores), (images,))
+        return self.visual(images)
 
     def forward(self, images: torch.Tensor, masked: bool = True,
                 scores: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Class logits: logit_scale * normalize(f_img) @ head^T.
+        """Class logits: logit_scale * normalize(f_img) @ head^T, in fp32 under any autocast.
 
         `scores` (views from `self.scores`) lets a caller take gradients with
         respect to the views themselves: much cheaper than accumulating many
         slices into the flat parameter.
         """
-        return self.logit_scale * self.image_features(images, masked, scores) @ self.head.t()
+        return class_logits(self.image_features(images, masked, scores), self.head, self.logit_scale)
 
     def flat_grad(self, loss: torch.Tensor, scores: Mapping[str, torch.Tensor],
                   retain_graph: bool = False) -> torch.Tensor:

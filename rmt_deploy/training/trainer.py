@@ -1,4 +1,4 @@
-"""R-AMT training: the config, one step, the epoch loop, and the files a run writes.
+"""R-AMT training: one step, the epoch loop, and the files a run writes (the config: training.config).
 
 A step (reference/RMT.md): student logits with masks on; teacher logits with
 masks off under no_grad; g_kl = dL_kl/dS and g_ce = d(L_ce + 1e-4 sum||S||_2)/dS
@@ -7,14 +7,12 @@ gradient dropout; Adam. `--no-gdr` is plain mask tuning (one backward, no teache
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,98 +20,22 @@ import torch
 import torch.nn.functional as F
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.models import MASK_GROUPS, BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
-from rmt_deploy.taskpack import SUFFIX, TaskPack, check_task_name, write_atomic
+from rmt_deploy.models import BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
+from rmt_deploy.taskpack import SUFFIX, TaskPack, write_atomic
 from rmt_deploy.training import checkpoint
+from rmt_deploy.training.config import CONFIG_VERSION, TrainConfig  # noqa: F401  (TrainConfig: public here too)
 from rmt_deploy.training.data import build_dataset, task_name_from
-from rmt_deploy.training.loading import SeededSampler, batches, train_transform
 from rmt_deploy.training.distributed import DistContext, init_distributed
-from rmt_deploy.training.evaluation import autocast_for, class_head, count_correct, make_loader, sharded
-from rmt_deploy.training.masking import SCORE_INIT, THRESHOLD, MaskedCLIP
+from rmt_deploy.training.evaluation import class_head, count_correct, make_loader, sharded
+from rmt_deploy.training.loading import SeededSampler, batches, train_transform
+from rmt_deploy.training.masking import MaskedCLIP
+from rmt_deploy.training.precision import LossScaler, autocast, check_precision
 from rmt_deploy.training.progress import EpochMeter, progress_bar
-from rmt_deploy.training.regularizer import SCORE_L2_WEIGHT, gradient_dropout, score_penalty, teacher_loss
+from rmt_deploy.training.regularizer import gradient_dropout, score_penalty, teacher_loss
 
-CONFIG_VERSION = 1
 METRICS_FILE = "metrics.json"
-# fields that may differ between a run and its --resume
-_RESUME_FREE = {"resume", "out", "workers", "device", "progress", "keep_checkpoints", "eval_batch_size"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; round-trips through JSON (`to_dict`/`from_dict`)."""
-
-    model: str
-    dataset: str
-    data_root: str
-    out: str
-    pretrained: str | None = None
-    task: str | None = None  # default: the dataset (or image folder) name
-    template: str | None = None  # prompt template with '{}'; default: the dataset's
-    shots: int = 16  # per class; <= 0 trains on the full train split
-    seed: int = 1
-    epochs: int = 30
-    batch_size: int = 32  # global: split across torchrun ranks
-    lr: float = 8e-5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
-    score_l2: float = SCORE_L2_WEIGHT
-    score_init: float = SCORE_INIT
-    threshold: float = THRESHOLD
-    gdr: bool = True
-    gdr_lambda: float = 1.0
-    temperature: float = 1.0
-    mask_groups: tuple[str, ...] = ("attn",)
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    workers: int = 4
-    eval_batch_size: int = 64
-    keep_checkpoints: int = 1
-    resume: bool = False
-    progress: bool = True
-    version: int = field(default=CONFIG_VERSION)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict of every field."""
-        data = dataclasses.asdict(self)
-        data["mask_groups"] = list(self.mask_groups)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build from `to_dict` output; unknown keys are dropped with a warning."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(f"ignoring unknown TrainConfig keys: {', '.join(unknown)}", stacklevel=2)
-        kwargs = {k: v for k, v in data.items() if k in names}
-        if "mask_groups" in kwargs:
-            kwargs["mask_groups"] = tuple(kwargs["mask_groups"])
-        return cls(**kwargs)
-
-    def validate(self) -> "TrainConfig":
-        """Explicit checks with the bad value and the fix; returns self."""
-        checks = [
-            (self.epochs >= 1, f"--epochs {self.epochs}: train for at least 1 epoch"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
-            (self.lr > 0, f"--lr {self.lr}: the learning rate must be positive"),
-            (0.0 <= self.gdr_lambda <= 1.0, f"--gdr-lambda {self.gdr_lambda}: must lie in [0, 1]"),
-            (self.temperature > 0, f"temperature {self.temperature}: must be positive"),
-            (self.workers >= 0, f"--workers {self.workers}: must be 0 or more"),
-            (self.score_init > self.threshold, f"score init {self.score_init} must exceed the threshold "
-                                               f"{self.threshold} so every mask starts at 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-        unknown = [g for g in self.mask_groups if g not in MASK_GROUPS]
-        if unknown or not self.mask_groups:
-            raise InputError(f"unknown mask group(s) {unknown or list(self.mask_groups)}: "
-                             f"choose from {', '.join(MASK_GROUPS)}")
-        if self.task is not None:
-            check_task_name(self.task)
-        return self
+# fields that may differ between a run and its --resume (a larger --epochs extends a run)
+_RESUME_FREE = {"resume", "out", "workers", "device", "progress", "keep_checkpoints", "eval_batch_size", "epochs"}
 
 
 @dataclass
@@ -138,28 +60,41 @@ def prepare_out(out: Path) -> Path:
 
 def rmt_step(model: MaskedCLIP, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
              optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
-             dist: DistContext) -> dict[str, torch.Tensor]:
-    """One optimisation step of the scores; returns detached loss terms and the student logits."""
-    amp = autocast_for(images.device, cfg.amp)
+             dist: DistContext, scaler: LossScaler | None = None) -> dict[str, torch.Tensor]:
+    """One optimisation step of the scores; returns detached loss terms and the student logits.
+
+    Autocast (cfg.precision) covers the image tower; logits, losses and gradient dropout are fp32.
+    With fp16 the losses are scaled, and a step whose gradients overflow is skipped.
+    """
+    scaler = scaler or LossScaler(enabled=False)
     views = model.scores  # gradients are taken per view, then concatenated (see MaskedCLIP.flat_grad)
-    with amp:
+    with autocast(images.device, cfg.precision):
         student = model(images, scores=views)
     scores = model.flat_scores
     loss_ce = F.cross_entropy(student, labels) + score_penalty(views.values(), cfg.score_l2)
     if cfg.gdr:
-        with torch.no_grad(), autocast_for(images.device, cfg.amp):
+        with torch.no_grad(), autocast(images.device, cfg.precision):
             teacher = model(images, masked=False)
         loss_kl = teacher_loss(student, teacher, cfg.temperature)
-        g_kl = model.flat_grad(loss_kl, views, retain_graph=True)
-        g_ce = model.flat_grad(loss_ce, views)
+        g_kl = model.flat_grad(scaler.scaled(loss_kl), views, retain_graph=True)
+        g_ce = model.flat_grad(scaler.scaled(loss_ce), views)
         g_ce, g_kl = dist.average(g_ce, g_kl)
-        scores.grad = gradient_dropout(g_ce, g_kl, cfg.gdr_lambda, generator)
+        if scaler.unscale(g_ce, g_kl):
+            scores.grad = gradient_dropout(g_ce, g_kl, cfg.gdr_lambda, generator)
     else:
         loss_kl = torch.zeros(())
-        (scores.grad,) = dist.average(model.flat_grad(loss_ce, views))
-    optimizer.step()
+        (g_ce,) = dist.average(model.flat_grad(scaler.scaled(loss_ce), views))
+        if scaler.unscale(g_ce):
+            scores.grad = g_ce
+    if scores.grad is not None:
+        optimizer.step()
     scores.grad = None
     return {"loss": loss_ce.detach(), "kl": loss_kl.detach(), "logits": student.detach()}
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """Cosine decay stepped per epoch, no warm-up (CosineAnnealingLR's closed form, eta_min 0)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 class _Run:
@@ -170,8 +105,12 @@ class _Run:
         self.out = prepare_out(Path(cfg.out).expanduser())
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # augmentation is seeded per sample (loading.SeededSampler)
-        self.data = build_dataset(cfg.dataset, cfg.data_root, cfg.shots, cfg.seed)
+        self.data = build_dataset(cfg.dataset, cfg.data_root, cfg.shots, cfg.seed, cfg.subsample)
+        if not self.data.train:
+            raise InputError(f"dataset {self.data.name} has no training images (a test-only dataset): train on "
+                             "its source dataset, e.g. imagenet, and evaluate on it with rmt-deploy eval")
         self.task = cfg.task or task_name_from(self.data.name)
+        check_precision(cfg.precision, dist.device)
         if base is None:
             base = load_base(cfg.model, cfg.pretrained, device=str(dist.device))
         elif base.model_name != cfg.model:
@@ -186,12 +125,12 @@ class _Run:
         self.model = MaskedCLIP(base.model, tensors, head, logit_scale, cfg.threshold, cfg.score_init)
         self.optimizer = torch.optim.Adam([self.model.flat_scores], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
+        self.scaler = LossScaler(enabled=cfg.precision == "fp16")
         self.gdr_generator = torch.Generator(device=dist.device).manual_seed(cfg.seed)  # same on every rank
         self.loader_generator = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank)
         self.sampler = SeededSampler(
             self.data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed)
-        per_rank = math.ceil(cfg.batch_size / dist.world_size)
+        per_rank = _per_rank_batch(cfg.batch_size, dist.world_size)
         self.loader = make_loader(
             self.data.train, train_transform(preprocess_config(base.model)), per_rank, cfg.workers, dist.device,
             sampler=self.sampler, generator=self.loader_generator,
@@ -208,7 +147,7 @@ class _Run:
             checkpoint.save(self.out, self.epoch, {
                 "config": self.cfg.to_dict(), "names": list(self.model.names),
                 "scores": self.model.flat_scores.detach().cpu(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng, "history": self.history,
+                "scaler": self.scaler.state_dict(), "rng": rng, "history": self.history,
                 "train_time": self.train_time, "images_seen": self.images_seen,
             }, keep=self.cfg.keep_checkpoints)
         self.dist.barrier()
@@ -227,10 +166,13 @@ class _Run:
                              f"this run has {self.dist.world_size}: resume with the same number")
         if list(state["names"]) != self.model.names:
             raise InputError("--resume: the checkpoint masks other tensors: use the same model and --mask-groups")
+        if int(state["epoch"]) > self.cfg.epochs:
+            raise InputError(f"--resume: the checkpoint is at epoch {int(state['epoch'])}, beyond --epochs "
+                             f"{self.cfg.epochs}: resume with --epochs {int(state['epoch'])} or more")
         with torch.no_grad():
             self.model.flat_scores.copy_(state["scores"].to(self.model.flat_scores.device))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         checkpoint.restore_rng(state["rng"][self.dist.rank], self.generators())
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self.train_time, self.images_seen = float(state["train_time"]), int(state["images_seen"])
@@ -238,16 +180,18 @@ class _Run:
     def train_epoch(self) -> None:
         cfg, dist = self.cfg, self.dist
         self.sampler.set_epoch(self.epoch)
+        lr = cosine_lr(cfg.lr, self.epoch, cfg.epochs)  # a longer --epochs on resume stretches what is left
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         meter = EpochMeter()
         start = time.perf_counter()
         bar = progress_bar(batches(self.loader), f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress and dist.is_main)
         for images, labels in bar:
             images = images.to(dist.device, non_blocking=True)
             labels = labels.to(dist.device, non_blocking=True)
-            out = rmt_step(self.model, images, labels, cfg, self.optimizer, self.gdr_generator, dist)
+            out = rmt_step(self.model, images, labels, cfg, self.optimizer, self.gdr_generator, dist, self.scaler)
             meter.update(out, labels)
             bar.set_postfix(meter.postfix(self.model.sparsity()), refresh=False)
-        self.scheduler.step()
         dist.check_in_sync(self.model.flat_scores)
         self.train_time += time.perf_counter() - start
         loss, kl, correct, seen = dist.average(meter.totals(self.model.flat_scores.device))[0].tolist()
@@ -255,7 +199,7 @@ class _Run:
         self.epoch += 1
         self.history.append({"epoch": self.epoch, "loss": loss / max(seen, 1), "kl": kl / max(seen, 1),
                              "train_accuracy": correct / max(seen, 1), "sparsity": self.model.sparsity(),
-                             "lr": self.optimizer.param_groups[0]["lr"]})
+                             "lr": lr})  # the rate this epoch trained with
 
     def evaluate(self) -> dict[str, float]:
         """Final (masked) and zero-shot (masks off) accuracy on the test split, sharded over ranks."""
@@ -265,7 +209,7 @@ class _Run:
             loader = make_loader(samples, self.base.preprocess, self.cfg.eval_batch_size, self.cfg.workers,
                                  self.dist.device)
             (student, teacher), total = count_correct(
-                [self.model, lambda x: self.model(x, masked=False)], loader, self.dist.device, self.cfg.amp)
+                [self.model, lambda x: self.model(x, masked=False)], loader, self.dist.device, self.cfg.precision)
             student, teacher, total = self.dist.sum_counts(student, teacher, total)
             if total:
                 metrics[f"{split}_accuracy"] = student / total
@@ -278,7 +222,8 @@ class _Run:
         per_tensor = {n: float(1.0 - m.mean()) for n, m in masks.items()}
         metrics = {
             "task": self.task, "dataset": self.data.name, "model": self.cfg.model,
-            "pretrained": self.cfg.pretrained, "shots": self.cfg.shots, "seed": self.cfg.seed,
+            "pretrained": pretrained_label(self.cfg.pretrained), "quick_gelu": self.base.quick_gelu,
+            "precision": self.cfg.precision, "subsample": self.cfg.subsample, "shots": self.cfg.shots, "seed": self.cfg.seed,
             **eval_metrics,
             "sparsity": self.model.sparsity(), "sparsity_per_tensor": per_tensor,
             "masked_weights": int(self.model.flat_scores.numel()), "epochs": self.epoch,
@@ -293,12 +238,29 @@ class _Run:
             base_fingerprint=self.fingerprint, model_name=self.cfg.model, logit_scale=self.model.logit_scale,
             template=self.template,
             metrics={k: v for k, v in metrics.items() if k not in ("history", "hyperparameters")},
-            hyperparameters=self.cfg.to_dict(),
+            hyperparameters=self.cfg.to_dict(), quick_gelu=self.base.quick_gelu,
         )
         pack_path = pack.save(self.out / f"{self.task}{SUFFIX}")
         metrics_path = self.out / METRICS_FILE
         write_atomic(metrics_path, (json.dumps(metrics, indent=2) + "\n").encode())
         return TrainResult(pack_path, metrics_path, metrics)
+
+
+def _per_rank_batch(batch_size: int, world_size: int) -> int:
+    """The global batch split evenly over ranks; an uneven split would change the batch the paper trains with."""
+    if batch_size % world_size:
+        lower = batch_size - batch_size % world_size
+        options = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+        raise InputError(f"--batch-size {batch_size} does not split evenly over {world_size} processes: "
+                         f"use {options}, or another number of processes")
+    return batch_size // world_size
+
+
+def pretrained_label(pretrained: str | None) -> str | None:
+    """What metrics record for the weights: the tag, or a checkpoint's file name (its folder may be temporary)."""
+    if pretrained is None or not Path(pretrained).expanduser().is_file():
+        return pretrained
+    return Path(pretrained).name
 
 
 def train_task(config: TrainConfig, base: BaseModel | None = None) -> TrainResult:

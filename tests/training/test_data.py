@@ -64,15 +64,22 @@ def test_templates_follow_the_reference():
 
 def test_class_name_clean_up_and_aliases():
     assert clean_class_name("Apply_Eye_Makeup") == "apply eye makeup"
-    assert clean_class_name("AnnualCrop") == "annual crop land"
+    assert clean_class_name("Highway") == "highway"
     assert resolve_dataset("EuroSAT") == "eurosat" and resolve_dataset("food-101") == "food101"
+    assert resolve_dataset("ImageNet-A") == "imagenet_a" and resolve_dataset("imagenet-sketch") == "imagenet_sketch"
 
 
-def test_other_coop_layouts(tmp_path):
-    write_coop_dataset(tmp_path, counts=(1, 1, 1), folder="eurosat", image_dir="2750",
+def test_eurosat_renaming_applies_to_eurosat_only(tmp_path):
+    raw = ("AnnualCrop", "Highway", "Forest")
+    write_coop_dataset(tmp_path, counts=(1, 1, 1), classes=raw, folder="eurosat", image_dir="2750",
                        split_file="split_zhou_EuroSAT.json")
     data = build_dataset("eurosat", tmp_path, shots=1, seed=1)
     assert data.template == "a centered satellite photo of {}." and len(data.test) == 3
+    assert data.class_names == ["annual crop land", "highway or road", "forest"]
+    for label, cname in enumerate(raw):
+        write_image(tmp_path / "folder" / cname / "0.png", label, 0)
+        write_image(tmp_path / "folder" / cname / "1.png", label, 1)
+    assert build_dataset("imagefolder", tmp_path / "folder", 0, 1).class_names == ["annualcrop", "forest", "highway"]
 
 
 def test_fgvc_aircraft_lists(tmp_path):
@@ -163,9 +170,56 @@ def test_missing_image_in_split(tmp_path):
         build_dataset("dtd", tmp_path, 1, 1)
 
 
-def test_fewer_images_than_shots(coop_root):
-    with pytest.raises(InputError, match=r"class 'banded stripes' has 6 training image\(s\), fewer than --shots 16"):
-        build_dataset("dtd", coop_root, 16, 1)
+def test_a_class_with_fewer_images_than_shots_contributes_all_of_them(coop_root):
+    with pytest.warns(UserWarning, match=r"3 class\(es\) have fewer than 16 training images.*all of their images"):
+        data = build_dataset("dtd", coop_root, 16, 1)
+    assert len(data.train) == 3 * 6 and len(data.val) == 3 * 2  # everything, as Dassl does
+
+
+def test_base_to_new_halves_relabel_and_keep_the_parent_classes(tmp_path):
+    classes = ("a_1", "b_2", "c_3", "d_4", "e_5")
+    write_coop_dataset(tmp_path, counts=(2, 1, 1), classes=classes)
+    full = build_dataset("dtd", tmp_path, 1, 1)
+    base = build_dataset("dtd", tmp_path, 1, 1, subsample="base")
+    new = build_dataset("dtd", tmp_path, 1, 1, subsample="new")
+    assert base.class_names == ["a 1", "b 2", "c 3"] and new.class_names == ["d 4", "e 5"]  # ceil(5 / 2) base
+    assert (base.parent_classes, base.parent_index, new.parent_index) == (full.class_names, [0, 1, 2], [3, 4])
+    assert sorted({label for _, label in new.test}) == [0, 1] and len(new.test) == 2
+    assert [path for path, _ in base.train] == [path for path, label in full.train if label < 3]  # sampled first
+    with pytest.raises(InputError, match="--subsample 'third' is not one of all, base, new"):
+        build_dataset("dtd", tmp_path, 1, 1, subsample="third")
+
+
+def _write_imagenet_family(root):
+    """imagenet (4 classes) and its variants in CoOp's layout: V2 by label folder, A by wnid (2 classes)."""
+    wnids = {"n03": "tench", "n01": "goldfish", "n04": "great white shark", "n02": "tiger_shark"}
+    names = "".join(f"{w} {n}\n" for w, n in sorted(wnids.items()))
+    for folder in ("imagenet", "imagenetv2", "imagenet-adversarial"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "classnames.txt").write_text(names)
+    for label, wnid in enumerate(sorted(wnids)):
+        for sub in ("train", "val"):
+            write_image(root / "imagenet" / "images" / sub / wnid / "0.JPEG", label, 0)
+        write_image(root / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / str(label) / "a.jpeg", label, 1)
+    for wnid in ("n04", "n02"):
+        label = sorted(wnids).index(wnid)
+        write_image(root / "imagenet-adversarial" / "imagenet-a" / wnid / "x.jpg", label, 2)
+        write_image(root / "imagenet-adversarial" / "imagenet-a" / wnid / "y.jpg", label, 3)
+    (root / "imagenet-adversarial" / "imagenet-a" / "README.txt").write_text("ignored: not a folder")
+
+
+def test_imagenet_variants_are_test_only_class_subsets_of_imagenet(tmp_path):
+    _write_imagenet_family(tmp_path)
+    imagenet = build_dataset("imagenet", tmp_path, 1, 1)
+    v2 = build_dataset("imagenetv2", tmp_path, 0, 1)
+    assert v2.class_names == imagenet.class_names and v2.parent_index == [0, 1, 2, 3]
+    assert [(p.parent.name, label) for p, label in v2.test] == [("0", 0), ("1", 1), ("2", 2), ("3", 3)]
+    adversarial = build_dataset("imagenet-a", tmp_path, 0, 1)
+    assert adversarial.class_names == ["tiger shark", "great white shark"] and adversarial.parent_index == [1, 3]
+    assert adversarial.parent_classes == imagenet.class_names and not adversarial.train
+    assert sorted(label for _, label in adversarial.test) == [0, 0, 1, 1]
+    with pytest.raises(InputError, match=r"imagenet_r folder .*imagenet-rendition/imagenet-r' not found"):
+        build_dataset("imagenet_r", tmp_path, 0, 1)
 
 
 def test_imagefolder_too_few_classes_or_images(tmp_path):

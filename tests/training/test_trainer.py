@@ -39,17 +39,30 @@ def test_config_round_trips_through_json():
     cfg = TrainConfig(model="m", dataset="dtd", data_root="/d", out="/o", pretrained="p.pt", task="t", shots=2,
                       seed=3, epochs=4, batch_size=5, lr=1e-3, adam_beta1=0.8, adam_beta2=0.99, weight_decay=0.1,
                       score_l2=2e-4, score_init=2e-2, threshold=1e-3, gdr=False, gdr_lambda=0.3, temperature=2.0,
-                      mask_groups=("attn", "mlp"), device="cpu", amp=False, workers=0, eval_batch_size=7,
+                      mask_groups=("attn", "mlp"), subsample="base", device="cpu", precision="bf16", workers=0, eval_batch_size=7,
                       keep_checkpoints=2, resume=True, progress=False)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert TrainConfig.from_dict(TrainConfig("m", "d", "r", "o").to_dict()) == TrainConfig("m", "d", "r", "o")
 
 
 def test_reference_defaults():
-    cfg = TrainConfig("m", "d", "r", "o")
+    cfg = TrainConfig("m", "dtd", "r", "o", shots=8).validate()
     assert (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay) == (8e-5, 0.9, 0.999, 0.0)
     assert (cfg.epochs, cfg.batch_size, cfg.score_l2, cfg.gdr_lambda, cfg.temperature) == (30, 32, 1e-4, 1.0, 1.0)
-    assert (cfg.mask_groups, cfg.threshold, cfg.score_init, cfg.shots, cfg.gdr) == (("attn",), 5e-3, 1e-2, 16, True)
+    assert (cfg.mask_groups, cfg.threshold, cfg.score_init, cfg.gdr) == (("attn",), 5e-3, 1e-2, True)
+    assert (TrainConfig("m", "d", "r", "o").shots, cfg.precision) == (16, "fp32")
+
+
+@pytest.mark.parametrize("dataset, shots, lr, epochs, lam", [
+    ("imagenet", 16, 3e-5, 10, 1.0), ("ImageNet", 4, 3e-5, 10, 1.0), ("dtd", 16, 8e-5, 30, 0.3),
+    ("sun397", 16, 8e-5, 30, 1.0), ("food101", 16, 8e-5, 30, 1.0), ("eurosat", 2, 8e-5, 30, 1.0),
+    ("imagefolder", 16, 8e-5, 30, 1.0),
+])
+def test_the_authors_per_dataset_settings_fill_what_the_user_left_out(dataset, shots, lr, epochs, lam):
+    cfg = TrainConfig("m", dataset, "r", "o", shots=shots).validate()
+    assert (cfg.lr, cfg.epochs, cfg.gdr_lambda) == (lr, epochs, lam)
+    given = TrainConfig("m", dataset, "r", "o", shots=shots, lr=1e-3, epochs=2, gdr_lambda=0.5).validate()
+    assert (given.lr, given.epochs, given.gdr_lambda) == (1e-3, 2, 0.5)
 
 
 def test_unknown_config_keys_are_dropped_with_a_warning():
@@ -64,10 +77,12 @@ def test_unknown_config_keys_are_dropped_with_a_warning():
     ({"epochs": 0}, "--epochs 0"), ({"lr": -1.0}, "--lr -1.0"), ({"gdr_lambda": 1.5}, "--gdr-lambda 1.5"),
     ({"mask_groups": ("ffn",)}, "unknown mask group.*ffn.*attn, mlp, conv1"), ({"task": "bad name"}, "task name"),
     ({"score_init": 1e-3}, "must exceed the threshold"), ({"batch_size": 0}, "--batch-size 0"),
+    ({"precision": "fp8"}, "--precision 'fp8' is not one of fp32, bf16, fp16"),
+    ({"subsample": "half"}, "--subsample 'half' is not one of all, base, new"),
 ])
 def test_invalid_config_values(change, message):
     with pytest.raises(InputError, match=message):
-        TrainConfig("m", "d", "r", "o", **change).validate()
+        TrainConfig("m", "dtd", "r", "o", **change).validate()
 
 
 @pytest.fixture
@@ -250,7 +265,7 @@ def _replace(args, option, value):
 @pytest.mark.parametrize("option, value, pattern", [
     ("--data-root", "/nonexistent/data", "data root '/nonexistent/data' does not exist"),
     ("--dataset", "dtdd", "unknown dataset 'dtdd'"),
-    ("--shots", "16", "fewer than --shots 16"),
+    ("--precision", "fp64", "--precision 'fp64' is not one of fp32, bf16, fp16"),
     ("--model", "ViT-Q-99", "model 'ViT-Q-99' is unknown to open_clip"),
     ("--mask-groups", "attn,ffn", r"unknown mask group.*ffn"),
     ("--pretrained", "/nonexistent/w.safetensors", "checkpoint file '/nonexistent/w.safetensors' does not exist"),
@@ -295,7 +310,7 @@ def test_resume_without_a_checkpoint_or_with_other_settings(trained, tiny_checkp
            r"--resume: lr was 0.002 .* now 0.001")
 
 
-def test_eval_refuses_another_base_and_other_classes(trained, coop_root, tmp_path, capsys):
+def test_eval_refuses_another_base_and_other_classes(trained, tiny_checkpoint, coop_root, tmp_path, capsys):
     from rmt_deploy.models import save_checkpoint
 
     torch.manual_seed(123)
@@ -308,5 +323,48 @@ def test_eval_refuses_another_base_and_other_classes(trained, coop_root, tmp_pat
             from .conftest import write_image
 
             write_image(tmp_path / "folder" / cname / f"{i}.png", label, i)
-    _fails(_replace(_replace(args, "--dataset", "imagefolder"), "--data-root", str(tmp_path / "folder")), capsys,
-           "evaluate on the dataset the task was trained for")
+    args = _replace(_replace(args, "--dataset", "imagefolder"), "--data-root", str(tmp_path / "folder"))
+    _fails(_replace(args, "--pretrained", str(tiny_checkpoint)), capsys,
+           "has classes the task 'dtd' was not trained on .*'x'.*--text-head")
+
+
+# ---- schedule, batch split, resume extension, recorded weights ---------------------------------
+
+
+def test_logged_lr_is_the_rate_each_epoch_trained_with(trained):
+    from rmt_deploy.training.trainer import cosine_lr
+
+    history = json.loads((trained / "metrics.json").read_text())["history"]
+    assert [h["lr"] for h in history] == [cosine_lr(2e-3, e, 3) for e in range(3)]
+    assert history[0]["lr"] == 2e-3  # epoch 1 trains at the full rate, as CosineAnnealingLR's first epoch
+
+
+def test_resume_can_extend_the_epochs(trained, tiny_checkpoint, coop_root, tmp_path, capsys):
+    import shutil
+
+    from rmt_deploy.training.trainer import cosine_lr
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    _fails(train_args(tiny_checkpoint, coop_root, out, "--epochs", "2") + ["--resume"], capsys,
+           "checkpoint is at epoch 3, beyond --epochs 2")
+    code, _, err = _cli(train_args(tiny_checkpoint, coop_root, out, "--epochs", "4") + ["--resume"], capsys)
+    assert code == 0, err
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[3]["lr"] == cosine_lr(2e-3, 3, 4)
+    assert not torch.equal(_final_scores(out), _final_scores(trained))
+
+
+def test_the_global_batch_splits_evenly_or_is_refused():
+    from rmt_deploy.training.trainer import _per_rank_batch
+
+    assert _per_rank_batch(32, 2) == 16 and _per_rank_batch(32, 1) == 32
+    with pytest.raises(InputError, match="--batch-size 32 does not split evenly over 3 processes: use 30 or 33"):
+        _per_rank_batch(32, 3)
+
+
+def test_metrics_record_the_checkpoint_by_name_not_its_folder(trained, tiny_checkpoint):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["pretrained"] == tiny_checkpoint.name == "tiny.safetensors"
+    assert metrics["quick_gelu"] is False and metrics["precision"] == "fp32"
+    assert metrics["hyperparameters"]["pretrained"] == str(tiny_checkpoint)  # the config as run (resume checks it)

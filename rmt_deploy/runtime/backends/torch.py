@@ -36,7 +36,8 @@ class TorchBackend:
         if threads is not None:
             self.torch.set_num_threads(threads)
         manifest = bundle.manifest
-        model = load_base(manifest.model_name, manifest.pretrained, device=str(self.device)).model
+        model = load_base(manifest.model_name, manifest.pretrained, device=str(self.device),
+                          quick_gelu=manifest.quick_gelu).model  # the activation the bundle was exported with
         params = dict(model.named_parameters())
         missing = [t.name for t in manifest.masked_tensors if t.name not in params]
         if missing:
