@@ -1,0 +1,90 @@
+"""The rmt-deploy service on a Ray Serve cluster: tasks routed to the replicas that hold them.
+
+    serve run rmt_deploy.serving.ray:app bundle=PATH replicas=2 cache_tasks=2
+    rmt-deploy serve --engine ray --bundle PATH --replicas 2
+
+One application: a KServe v2 HTTP ingress (ray_ingress) in front of a deployment of
+TaskReplicas (ray_replica), one Engine each, the task as the multiplexed model id.
+Options are RayServeConfig's fields (`serve run` passes them as key=value strings).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from rmt_deploy.errors import InputError, require
+from rmt_deploy.serving.ray_config import RayServeConfig
+
+__all__ = ["RayServeConfig", "app", "build_app", "run"]
+
+log = logging.getLogger(__name__)
+
+REPLICA = "TaskReplica"
+INGRESS = "KServeIngress"
+
+
+def build_app(config: RayServeConfig) -> Any:
+    """The Ray Serve Application (ingress bound to its replica deployment or deployments)."""
+    serve = require("ray.serve", "ray")
+    from rmt_deploy.serving.ray_ingress import KServeIngress
+    from rmt_deploy.serving.ray_replica import TaskReplica
+
+    for key in config.extra:
+        log.warning("rmt-deploy ray: unknown option %r ignored (options: %s)", key,
+                    ", ".join(RayServeConfig.__dataclass_fields__.keys() - {"extra"}))
+    settings = config.to_dict()
+    replica = serve.deployment(TaskReplica, name=REPLICA).options(
+        ray_actor_options={"num_cpus": config.replica_cpus},
+        max_ongoing_requests=config.max_ongoing_requests,
+        health_check_period_s=5, graceful_shutdown_timeout_s=10,
+    )
+    if config.routing == "round_robin":
+        if config.autoscaling is not None:
+            raise InputError("routing=round_robin runs a fixed number of replicas: drop max_replicas")
+        # one single-replica deployment per replica, so the ingress can pick the replica itself
+        replicas: Any = [replica.options(name=f"{REPLICA}{i}", num_replicas=1).bind(settings)
+                         for i in range(config.replicas)]
+    elif config.autoscaling is not None:
+        replicas = replica.options(autoscaling_config=config.autoscaling).bind(settings)
+    else:
+        replicas = replica.options(num_replicas=config.replicas).bind(settings)
+    ingress = serve.deployment(KServeIngress, name=INGRESS).options(
+        ray_actor_options={"num_cpus": config.ingress_cpus}, max_ongoing_requests=256)
+    return ingress.bind(replicas, settings)
+
+
+def app(args: dict[str, str]) -> Any:
+    """Application builder for `serve run rmt_deploy.serving.ray:app bundle=PATH [replicas=N ...]`."""
+    return build_app(RayServeConfig.from_dict(args))
+
+
+def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address: str | None = None,
+        stop: threading.Event | None = None) -> None:
+    """Start (or join, with `address`) a Ray cluster, serve the app on host:port until SIGTERM/Ctrl-C
+    or `stop`, then shut the application down (in-flight requests drain)."""
+    ray = require("ray", "ray")
+    serve = require("ray.serve", "ray")
+    from rmt_deploy.bundle import Bundle
+
+    Bundle.open(config.bundle)  # a bad path or manifest fails here, before a cluster starts
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False)
+    stop = stop or threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+                if threading.current_thread() is threading.main_thread()}
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        log.warning("rmt-deploy ray: serving %s on http://%s:%d/v2/models/%s/infer", config.bundle, host, port,
+                    config.model_name)
+        stop.wait()
+    finally:
+        try:
+            serve.delete(config.app_name)
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
