@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -110,7 +111,8 @@ class TaskReplica:
             most = self._max_resident
         return {"replica": self._replica, "pid": self._pid, "resident": self._engine.resident_tasks,
                 "max_resident": most, "cache_tasks": self._config.cache_tasks, "pool": self._engine.cache_stats,
-                "uptime_s": round(time.time() - self._started, 3), **counts}
+                "uptime_s": round(time.time() - self._started, 3), "torch_loaded": "torch" in sys.modules,
+                **counts}
 
     def check_health(self) -> None:
         """Ray Serve's health check: the engine must still be open."""

@@ -1,0 +1,280 @@
+"""The Ray Serve application on a real local Ray cluster (2 CPUs, 2 replicas, 8 tasks, cache_tasks=2),
+queried over real HTTP: same results as Engine.predict, tasks routed to the replicas holding
+them, residency bounded, no wrong answer under load or when a replica's process is killed."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'rmt-deploy[ray]')")
+serve = pytest.importorskip("ray.serve")
+requests = pytest.importorskip("requests")
+
+pytestmark = pytest.mark.slow
+
+TASKS = [f"task{i}" for i in range(8)]
+CACHE_TASKS = 2
+TOP_K = 3
+
+
+@pytest.fixture(scope="module")
+def ray_bundle(tmp_path_factory, tiny_checkpoint, make_taskpack):
+    """A shared-mode bundle of 8 tasks on the tiny base (2 to 5 classes)."""
+    export = pytest.importorskip("rmt_deploy.export")
+    from rmt_deploy.bundle import Bundle
+
+    root = tmp_path_factory.mktemp("ray_packs")
+    paths = [make_taskpack(name, seed=10 + i, zeros=0.1, classes=2 + i % 4).save(root / f"{name}.rmtask")
+             for i, name in enumerate(TASKS)]
+    out = tmp_path_factory.mktemp("ray_bundle") / "bundle"
+    export.export_bundle(export.ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), task_paths=paths, out=out,
+                                             target="onnx", mode="shared", max_batch=4), progress=False)
+    return Bundle.open(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_bundle, tmp_path_factory):
+    """The app on a local Ray cluster started here; Ray is shut down at the end, whatever happens."""
+    from rmt_deploy.serving.ray import RayServeConfig, build_app
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    port = _free_port()
+    config = RayServeConfig(bundle=str(ray_bundle.root), replicas=2, cache_tasks=CACHE_TASKS, top_k=TOP_K,
+                            replica_cpus=0.5, threads=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(ray_bundle):
+    from rmt_deploy.runtime.engine import Engine
+
+    with Engine.load(ray_bundle, cache_tasks=CACHE_TASKS, threads=1) as engine:
+        yield engine
+
+
+def _images(seed: int, count: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3), dtype=np.uint8)
+            for _ in range(count)]
+
+
+def _expected(engine, task: str, image: np.ndarray) -> dict[str, np.ndarray]:
+    """What the service must answer: the in-process Engine's prediction through the shared protocol."""
+    from rmt_deploy.preprocess import ImageTransform, to_batch
+    from rmt_deploy.serving import protocol
+
+    batch = to_batch([image], ImageTransform.from_config(engine.bundle.manifest.preprocess))
+    return protocol.encode_outputs(engine.predict(batch, task=task), TOP_K, engine.embed(batch, task))
+
+
+def _body(tasks: list[str], images: list[np.ndarray]) -> dict:
+    shape = images[0].shape
+    return {"inputs": [
+        {"name": "task", "datatype": "BYTES", "shape": [len(tasks), 1], "data": tasks},
+        {"name": "image", "datatype": "UINT8", "shape": [len(images), *shape],
+         "data": np.stack(images).reshape(-1).tolist()}]}
+
+
+def _infer(url: str, body: dict, timeout: float = 60) -> requests.Response:
+    return requests.post(f"{url}/v2/models/rmt/infer", json=body, timeout=timeout)
+
+
+def _outputs(response: requests.Response) -> dict[str, np.ndarray]:
+    out = {}
+    for tensor in response.json()["outputs"]:
+        dtype = object if tensor["datatype"] == "BYTES" else np.float32 if tensor["datatype"] == "FP32" else np.int64
+        out[tensor["name"]] = np.array(tensor["data"], dtype=dtype).reshape(tensor["shape"])
+    return out
+
+
+def _same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], row: int = 0) -> bool:
+    labels = [b.decode() for b in want["labels"][0]]
+    return (list(got["labels"][row]) == labels and int(got["index"][row, 0]) == int(want["index"][0, 0])
+            and np.allclose(got["probs"][row], want["probs"][0], rtol=0, atol=1e-6)
+            and ("embedding" not in got or np.allclose(got["embedding"][row], want["embedding"][0], rtol=0,
+                                                       atol=1e-6)))
+
+
+def _text(labels: np.ndarray) -> np.ndarray:
+    return np.array([[b.decode() if isinstance(b, bytes) else b for b in row] for row in labels], dtype=object)
+
+
+def _stats(url: str) -> dict:
+    return requests.get(f"{url}/v2/models/rmt/stats", timeout=30).json()
+
+
+def test_health_and_metadata(service):
+    assert requests.get(f"{service}/v2/health/ready", timeout=30).status_code == 200
+    assert requests.get(f"{service}/v2/health/live", timeout=30).status_code == 200
+    meta = requests.get(f"{service}/v2/models/rmt", timeout=30).json()
+    assert meta["name"] == "rmt" and meta["parameters"]["tasks"] == TASKS
+    assert [t["name"] for t in meta["inputs"]] == ["task", "image", "image_bytes"]
+    assert [t["name"] for t in meta["outputs"]] == ["labels", "probs", "index", "embedding"]
+    missing = requests.get(f"{service}/v2/models/other", timeout=30)
+    assert missing.status_code == 400 and "available: rmt" in missing.json()["error"]
+
+
+def test_results_equal_engine_predict_for_every_task(service, engine):
+    for i, task in enumerate(TASKS):
+        for image in _images(i, count=2):
+            response = _infer(service, _body([task], [image]))
+            assert response.status_code == 200, response.text
+            assert _same(_outputs(response), _expected(engine, task, image)), task
+
+
+def test_a_request_of_mixed_tasks_answers_each_sample_with_its_own_task(service, engine):
+    images = [np.random.default_rng(99).integers(0, 256, (32, 32, 3), dtype=np.uint8)] * 3
+    tasks = ["task5", "task1", "task5"]
+    got = _outputs(_infer(service, _body(tasks, images)))
+    assert all(_same(got, _expected(engine, task, images[0]), row) for row, task in enumerate(tasks))
+
+
+def test_encoded_image_bytes_and_binary_tensors_via_tritonclient(service, engine):
+    httpclient = pytest.importorskip("tritonclient.http")
+    from PIL import Image
+
+    image = _images(3, count=1)[0]
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    client = httpclient.InferenceServerClient(service.removeprefix("http://"))
+    try:
+        assert client.is_server_ready()
+        for binary in (True, False):
+            task = httpclient.InferInput("task", [1, 1], "BYTES")
+            task.set_data_from_numpy(np.array([[b"task6"]], dtype=object), binary_data=binary)
+            raw = httpclient.InferInput("image", [1, *image.shape], "UINT8")
+            raw.set_data_from_numpy(image[None], binary_data=binary)
+            outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("labels", "probs", "index")]
+            result = client.infer("rmt", [task, raw], outputs=outputs)
+            got = {n: result.as_numpy(n) for n in ("probs", "index")}
+            got["labels"] = _text(result.as_numpy("labels"))
+            assert _same(got, _expected(engine, "task6", image)), f"binary_data={binary}"
+        encoded = httpclient.InferInput("image_bytes", [1, 1], "BYTES")
+        encoded.set_data_from_numpy(np.array([[png.getvalue()]], dtype=object))  # binary: PNG is not UTF-8
+        task = httpclient.InferInput("task", [1, 1], "BYTES")
+        task.set_data_from_numpy(np.array([[b"task6"]], dtype=object))
+        result = client.infer("rmt", [task, encoded])  # no outputs named: all, in binary
+        got = {n: result.as_numpy(n) for n in ("probs", "index", "embedding")}
+        got["labels"] = _text(result.as_numpy("labels"))
+        assert _same(got, _expected(engine, "task6", image))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b["inputs"][0].update(data=["nope"]), "task 'nope' not served (available: task0"),
+    (lambda b: b["inputs"][1].update(datatype="FP32"), "expected UINT8"),
+    (lambda b: b["inputs"].pop(0), "missing input 'task'"),
+    (lambda b: b["inputs"][1].update(shape=[1, 3, 32, 32]), "expected [H, W, 3]"),
+    (lambda b: b["inputs"][1].update(shape=[1, 0, 32, 3], data=[]), "is empty"),
+    (lambda b: b.update(inputs="x"), "'inputs' list"),
+])
+def test_bad_requests_get_400_naming_the_problem_and_the_service_keeps_serving(service, engine, mutate,
+                                                                                 message):
+    image = _images(5, count=1)[0][:32, :32]
+    body = _body(["task2"], [image])
+    mutate(body)
+    response = _infer(service, body)
+    assert response.status_code == 400 and message in response.json()["error"], response.text
+    good = _infer(service, _body(["task2"], [image]))
+    assert good.status_code == 200 and _same(_outputs(good), _expected(engine, "task2", image))
+
+
+def test_not_json_is_400(service):
+    response = requests.post(f"{service}/v2/models/rmt/infer", data=b"\xff\x00", timeout=30)
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]
+
+
+def _load(url: str, engine, n: int, threads: int, seed: int, during=None) -> dict:
+    """n requests at random among the 8 tasks from `threads` clients; counts right / wrong / failed."""
+    rng = random.Random(seed)
+    images = _images(seed, count=4)
+    jobs = [(rng.choice(TASKS), rng.randrange(len(images))) for _ in range(n)]
+    want = {(t, j): _expected(engine, t, images[j]) for t, j in set(jobs)}
+    done = {"right": 0, "wrong": 0, "failed": 0, "statuses": {}}
+
+    def one(job):
+        task, j = job
+        try:
+            response = _infer(url, _body([task], [images[j]]), timeout=120)
+        except requests.RequestException as exc:
+            return "failed", type(exc).__name__
+        if response.status_code != 200:
+            return "failed", response.status_code
+        return ("right" if _same(_outputs(response), want[job]) else "wrong"), 200
+
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(one, job) for job in jobs]
+        if during is not None:
+            during(futures)
+        for future in futures:
+            kind, status = future.result()
+            done[kind] += 1
+            done["statuses"][str(status)] = done["statuses"].get(str(status), 0) + 1
+    return done
+
+
+def test_200_random_requests_from_16_threads_all_right_and_residency_bounded(service, engine):
+    done = _load(service, engine, n=200, threads=16, seed=1)
+    assert done["wrong"] == 0 and done["failed"] == 0 and done["right"] == 200, done
+    stats = _stats(service)
+    replicas = stats["replicas"]
+    assert len(replicas) == 2 and stats["unreachable_replicas"] == 0
+    for replica in replicas:
+        assert len(replica["resident"]) <= CACHE_TASKS and replica["max_resident"] <= CACHE_TASKS, replica
+        assert replica["requests"] > 0, replica  # both replicas served
+        assert not replica["torch_loaded"], "a serving replica imported torch"
+
+
+def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recovers(service, engine):
+    victim = _stats(service)["replicas"][0]
+    killed = []
+
+    def kill_after_some(futures):
+        while sum(f.done() for f in futures) < 40:
+            time.sleep(0.01)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed.append(time.time())
+
+    done = _load(service, engine, n=300, threads=16, seed=2, during=kill_after_some)
+    print(f"\nreplica {victim['replica']} (pid {victim['pid']}) killed mid-run: {json.dumps(done)}; "
+          f"ingress: {json.dumps(_stats(service)['ingress'])}")
+    assert killed and done["wrong"] == 0, done
+    assert done["right"] + done["failed"] == 300 and done["right"] > 0, done
+    # Ray replaces the replica: two live replicas again, one of them a new process, all tasks right
+    deadline = time.time() + 120
+    while True:
+        replicas = _stats(service)["replicas"]
+        pids = {r["pid"] for r in replicas}
+        if len(replicas) == 2 and victim["pid"] not in pids:
+            break
+        assert time.time() < deadline, f"replica not replaced after 120 s: {replicas}"
+        time.sleep(1)
+    assert requests.get(f"{service}/v2/health/ready", timeout=30).status_code == 200
+    after = _load(service, engine, n=48, threads=8, seed=3)
+    assert after["right"] == 48, after
