@@ -125,18 +125,24 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with status {self.process.returncode} while starting:\n"
-                                  f"{self.log_tail()}")
+                                  f"{self.log_errors()}")
             if self.ready():
                 return
             time.sleep(0.2)
         self.stop()
-        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_errors()}")
 
     def log_tail(self, lines: int = 25) -> str:
         if not self._log_file.closed:
             self._log_file.flush()
         text = self.log.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+    def log_errors(self, lines: int = 6) -> str:
+        """The log's error lines (glog 'E' lines, else its last lines), and where the whole log is."""
+        tail = self.log_tail(400).splitlines()
+        errors = [line for line in tail if line.startswith("E") and line[1:5].isdigit()] or tail[-lines:]
+        return "\n".join(errors[-lines:] + [f"(tritonserver log: {self.log})"])
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (Triton finishes the requests in flight, then exits); SIGKILL after `timeout`."""
