@@ -48,7 +48,7 @@ def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_t
     workspace = Path(tempfile.mkdtemp(prefix="rmt-serve-"))
     try:
         repo = workspace / "models"
-        write_engine_model(repo, bundle, config, copy_bundle=False)
+        write_engine_model(repo, bundle, config)
         server = TritonServer(repo, workspace, ports, workspace / "triton.log",
                               extra=[f"--exit-timeout-secs={drain_timeout}"])
         try:

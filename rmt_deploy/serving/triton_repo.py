@@ -4,7 +4,7 @@ as onnxruntime-backend models. Used by `rmt-deploy serve` (bundle referenced in 
 
     REPO/<model>/config.pbtxt        backend "python"; inputs task, image, image_bytes; dynamic batching
     REPO/<model>/1/model.py          imports rmt_deploy.serving.triton_model (pip install 'rmt-deploy[onnx]')
-    REPO/<model>/1/bundle/           the bundle (export only; serve points at the user's bundle)
+    REPO/<model>/1/bundle/           the bundle (export; serve refers to the user's bundle in place)
     REPO/<task>/config.pbtxt         platform "onnxruntime_onnx"; input image FP32 [3, H, W] -> logits [C]
     REPO/<task>/1/model.onnx         the folded model; REPO/<task>/labels.txt its class names
 """
@@ -13,12 +13,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import InputError
 from rmt_deploy.serving import protocol
+
+if TYPE_CHECKING:
+    from rmt_deploy.export import ExportConfig
 
 MODEL_PY = '''"""Triton Python-backend model serving an rmt-deploy bundle; needs: pip install 'rmt-deploy[onnx]'."""
 from rmt_deploy.serving.triton_model import TritonPythonModel  # noqa: F401
@@ -85,17 +90,15 @@ def folded_config(task: str, input_name: str, output_name: str, image_size: tupl
             f"instance_group [ {{ kind: KIND_CPU count: 1 }} ]\n")
 
 
-def write_engine_model(repo: Path, bundle: Bundle, config: ServingConfig, copy_bundle: bool) -> Path:
-    """REPO/<model>/: config.pbtxt and 1/model.py; the bundle copied into 1/bundle or referenced by path."""
+def write_engine_model(repo: Path, bundle: Bundle, config: ServingConfig) -> Path:
+    """REPO/<model>/: config.pbtxt and 1/model.py; the bundle is referenced relative to 1/ when it lies
+    there (an exported repository), else by its absolute path (serve)."""
     config.validate()
     version = repo / config.model_name / "1"
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.py").write_text(MODEL_PY)
-    if copy_bundle:
-        _copy_tree(bundle.root, version / "bundle")
-        value = "bundle"
-    else:
-        value = str(Path(bundle.root).resolve())
+    root = Path(bundle.root).resolve()
+    value = str(root.relative_to(version.resolve())) if root.is_relative_to(version.resolve()) else str(root)
     text = engine_config(config, int(bundle.manifest.embed_dim), value)
     (repo / config.model_name / "config.pbtxt").write_text(text)
     return repo / config.model_name
@@ -135,5 +138,31 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _copy_tree(source: Path, target: Path) -> None:
-    shutil.copytree(source, target, copy_function=lambda s, t: _link_or_copy(Path(s), Path(t)))
+def export_repository(export: "ExportConfig", config: ServingConfig, progress: bool = True) -> list[str]:
+    """`rmt-deploy export --target triton`: an ONNX bundle exported into REPO/<model>/1/bundle, its Engine
+    model, and with mode folded/both the folded tasks as onnxruntime models; written to a temporary
+    folder beside REPO and renamed into place. Returns the model names."""
+    from rmt_deploy.export import export_bundle
+
+    config.validate()
+    out = Path(export.out)
+    if out.exists() and not export.force:
+        raise InputError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        folded = export.mode in ("folded", "both")
+        bundle_dir = staging / config.model_name / "1" / "bundle"
+        bundle_dir.parent.mkdir(parents=True)
+        export_bundle(replace(export, out=bundle_dir, target="onnx", mode="both" if folded else "shared",
+                              force=False), progress=progress)
+        bundle = Bundle.open(bundle_dir)
+        write_engine_model(staging, bundle, config)
+        models = [config.model_name] + (write_folded_models(staging, bundle, config) if folded else [])
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        return models
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
