@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "rmt_deploy.export.cli:export",
     "inspect": "rmt_deploy.inspect_task:inspect",
     "predict": "rmt_deploy.runtime.cli:predict",
+    "serve": "rmt_deploy.serving.cli:serve",
     "bench": "rmt_deploy.bench.cli:bench",
     "demo": "rmt_deploy.demo.cli:demo",
 }
