@@ -93,10 +93,22 @@ def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_t
 @click.option("--backend", default="auto", show_default=True, help="engine backend: auto, onnxruntime, tensorrt.")
 @click.option("--drain-timeout", type=click.IntRange(min=1), default=30, show_default=True,
               help="seconds to finish the requests in flight after SIGTERM / Ctrl-C.")
+@click.option("--engine", type=click.Choice(["triton", "ray"]), default="triton", show_default=True,
+              help="ray: a Ray Serve app (KServe v2 HTTP only; RAY_ADDRESS joins a cluster), tasks routed "
+                   "to the replicas that hold them.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: Engine replicas behind the one endpoint.")
 def serve(bundle_path: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, model_name: str,
           top_k: int, cache_tasks: int, max_batch: int, max_queue_delay_us: int, threads: int | None,
-          backend: str, drain_timeout: int) -> None:
-    """Serve a bundle's tasks over KServe v2 HTTP/gRPC with Triton Inference Server."""
+          backend: str, drain_timeout: int, engine: str, replicas: int) -> None:
+    """Serve a bundle's tasks over KServe v2 HTTP/gRPC with Triton Inference Server (or Ray Serve)."""
+    if engine == "ray":
+        check_port_free(host, http_port, "--http-port")
+        from rmt_deploy.serving.ray import serve_from_cli
+
+        serve_from_cli(bundle_path, host, http_port, replicas=replicas, cache_tasks=cache_tasks, top_k=top_k,
+                       model_name=model_name, threads=threads, backend=backend)
+        return
     config = ServingConfig(model_name=model_name, top_k=top_k, max_batch=max_batch,
                            max_queue_delay_us=max_queue_delay_us, cache_tasks=cache_tasks, threads=threads,
                            backend=backend)

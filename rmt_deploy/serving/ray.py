@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from rmt_deploy.errors import InputError, require
 from rmt_deploy.serving.ray_config import RayServeConfig
 
-__all__ = ["RayServeConfig", "app", "build_app", "run"]
+__all__ = ["RayServeConfig", "app", "build_app", "run", "serve_from_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ def app(args: dict[str, str]) -> Any:
 
 
 def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address: str | None = None,
-        stop: threading.Event | None = None) -> None:
-    """Start (or join, with `address`) a Ray cluster, serve the app on host:port until SIGTERM/Ctrl-C
-    or `stop`, then shut the application down (in-flight requests drain)."""
+        stop: threading.Event | None = None, ready: Callable[[str], None] | None = None) -> None:
+    """Start (or join, with `address` or RAY_ADDRESS) a Ray cluster, serve the app on host:port until
+    SIGTERM/Ctrl-C or `stop`, then delete the application (replicas finish what they hold) and leave."""
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
     from rmt_deploy.bundle import Bundle
@@ -77,8 +78,8 @@ def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        log.warning("rmt-deploy ray: serving %s on http://%s:%d/v2/models/%s/infer", config.bundle, host, port,
-                    config.model_name)
+        if ready is not None:
+            ready(f"http://{host}:{port}")
         stop.wait()
     finally:
         try:
@@ -88,3 +89,18 @@ def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address
             ray.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def serve_from_cli(bundle: Path, host: str, port: int, **options: Any) -> None:
+    """`rmt-deploy serve --engine ray`: the options the Triton server shares, on Ray Serve."""
+    import click
+
+    config = RayServeConfig(bundle=str(bundle), **options)
+
+    def announce(url: str) -> None:
+        click.echo(f"serving {config.bundle} on Ray Serve ({config.replicas} replicas, cache_tasks "
+                   f"{config.cache_tasks}) as model '{config.model_name}': http {url}; Ctrl-C or SIGTERM to stop",
+                   err=True)
+
+    run(config, host, port, ready=announce)
+    click.echo("stopped", err=True)
