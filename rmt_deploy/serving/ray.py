@@ -34,7 +34,7 @@ def build_app(config: RayServeConfig) -> Any:
 
     for key in config.extra:
         log.warning("rmt-deploy ray: unknown option %r ignored (options: %s)", key,
-                    ", ".join(RayServeConfig.__dataclass_fields__.keys() - {"extra"}))
+                    ", ".join(sorted(RayServeConfig.__dataclass_fields__.keys() - {"extra"})))
     settings = config.to_dict()
     replica = serve.deployment(TaskReplica, name=REPLICA).options(
         ray_actor_options={"num_cpus": config.replica_cpus},

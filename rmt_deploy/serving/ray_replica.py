@@ -31,6 +31,7 @@ class TaskReplica:
     """Hosts one Engine over the bundle; `infer(task, images)` answers with that task's outputs."""
 
     def __init__(self, config: dict[str, Any]):
+        import ray
         from ray import serve
 
         from rmt_deploy.runtime.engine import Engine
@@ -43,6 +44,7 @@ class TaskReplica:
         context = serve.get_replica_context()
         self._replica = context.replica_id.unique_id
         self._pid = os.getpid()
+        self._node = ray.get_runtime_context().get_node_id()
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "samples": 0, "resident_hits": 0, "loads": 0, "errors": 0}
         self._max_resident = len(self._engine.resident_tasks)
@@ -109,7 +111,7 @@ class TaskReplica:
         with self._lock:
             counts = dict(self._counts)
             most = self._max_resident
-        return {"replica": self._replica, "pid": self._pid, "resident": self._engine.resident_tasks,
+        return {"replica": self._replica, "pid": self._pid, "node": self._node, "resident": self._engine.resident_tasks,
                 "max_resident": most, "cache_tasks": self._config.cache_tasks, "pool": self._engine.cache_stats,
                 "uptime_s": round(time.time() - self._started, 3), "torch_loaded": "torch" in sys.modules,
                 **counts}

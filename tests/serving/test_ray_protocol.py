@@ -143,3 +143,19 @@ def test_ray_serving_modules_import_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_kuberay_manifest_is_a_valid_serve_config_for_this_app():
+    yaml = pytest.importorskip("yaml")
+    schema = pytest.importorskip("ray.serve.schema")
+    from pathlib import Path
+
+    manifest = yaml.safe_load((Path(__file__).parents[2] / "examples" / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    serve_config = schema.ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (application,) = serve_config.applications
+    assert application.import_path == "rmt_deploy.serving.ray:app"
+    config = RayServeConfig.from_dict(application.args)
+    assert config.extra == {} and config.autoscaling["max_replicas"] == 8
+    ray_version = manifest["spec"]["rayClusterConfig"]["rayVersion"]
+    assert ray_version.split(".")[0] == "2"
