@@ -54,6 +54,7 @@ class TaskReplica:
         async def load(task: str) -> str:
             return await self._load(task)
 
+        self._loader = load
         self._make_resident = serve.multiplexed(max_num_models_per_replica=cfg.cache_tasks)(load)
 
     async def _load(self, task: str) -> str:
@@ -106,12 +107,18 @@ class TaskReplica:
         return {"tasks": self._engine.tasks, "embed_dim": int(self._engine.bundle.manifest.embed_dim),
                 "top_k": self._config.top_k, "backend": self._engine.backend}
 
+    def _multiplexed_ids(self) -> list[str] | None:
+        """The task ids Serve's multiplexer holds here (its wrapper lives on the loader; private to Ray)."""
+        wrapper = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        return None if wrapper is None else list(getattr(wrapper, "models", {}))
+
     def stats(self) -> dict[str, Any]:
         """This replica: id, pid, resident tasks now and the most ever, counters, the pool's stats."""
         with self._lock:
             counts = dict(self._counts)
             most = self._max_resident
         return {"replica": self._replica, "pid": self._pid, "node": self._node, "resident": self._engine.resident_tasks,
+                "multiplexed": self._multiplexed_ids(),
                 "max_resident": most, "cache_tasks": self._config.cache_tasks, "pool": self._engine.cache_stats,
                 "uptime_s": round(time.time() - self._started, 3), "torch_loaded": "torch" in sys.modules,
                 **counts}

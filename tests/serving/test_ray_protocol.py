@@ -124,6 +124,23 @@ def test_config_errors_name_the_value(args, message):
     assert message in str(info.value)
 
 
+def test_app_builder_passes_replicas_autoscaling_and_cache_size_to_serve():
+    pytest.importorskip("ray.serve")
+    from rmt_deploy.serving.ray import app
+
+    built = app({"bundle": "/b", "max_replicas": "3", "target_ongoing_requests": "1.5", "replica_cpus": "0.5"})
+    ingress = built._bound_deployment  # Serve's bound graph (private but stable since 2.7)
+    replica = ingress.init_args[0]._bound_deployment
+    scaling = replica._deployment_config.autoscaling_config
+    assert (ingress.name, replica.name) == ("KServeIngress", "TaskReplica")
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 1.5)
+    assert replica.ray_actor_options["num_cpus"] == 0.5 and ingress.ray_actor_options["num_cpus"] == 0
+    fixed = app({"bundle": "/b", "replicas": "2"})._bound_deployment.init_args[0]._bound_deployment
+    assert fixed._deployment_config.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
+    rr = app({"bundle": "/b", "replicas": "3", "routing": "round_robin"})._bound_deployment.init_args[0]
+    assert [a._bound_deployment.name for a in rr] == ["TaskReplica0", "TaskReplica1", "TaskReplica2"]
+
+
 SERVING_MODULES = ["rmt_deploy.serving.kserve_http", "rmt_deploy.serving.ray_config",
                    "rmt_deploy.serving.ray_ingress", "rmt_deploy.serving.ray_replica", "rmt_deploy.serving.ray"]
 

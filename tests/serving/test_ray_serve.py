@@ -273,8 +273,28 @@ def test_200_random_requests_from_16_threads_all_right_and_residency_bounded(ser
     assert len(replicas) == 2 and stats["unreachable_replicas"] == 0
     for replica in replicas:
         assert len(replica["resident"]) <= CACHE_TASKS and replica["max_resident"] <= CACHE_TASKS, replica
+        assert 0 < len(replica["multiplexed"]) <= CACHE_TASKS, replica  # Serve's LRU is the pool's size
         assert replica["requests"] > 0, replica  # both replicas served
         assert not replica["torch_loaded"], "a serving replica imported torch"
+
+
+def test_requests_go_to_the_replica_that_holds_their_task(service, engine):
+    """4 tasks fit 2 replicas x cache_tasks 2: after a warm-up, multiplexed routing finds a replica
+    holding the task for nearly every request (task-blind round-robin gets about half, see the benchmark)."""
+    tasks = TASKS[:4]
+    images = _images(7, count=1)
+    for task in tasks * 3:  # warm-up: Serve learns where each task lives
+        assert _infer(service, _body([task], images)).status_code == 200
+    before = {r["replica"]: r for r in _stats(service)["replicas"]}
+    rng = random.Random(4)
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda t: _infer(service, _body([t], images)).status_code,
+                                 [rng.choice(tasks) for _ in range(80)]))
+    assert statuses == [200] * 80
+    after = _stats(service)["replicas"]
+    served = sum(r["requests"] - before[r["replica"]]["requests"] for r in after)
+    hits = sum(r["resident_hits"] - before[r["replica"]]["resident_hits"] for r in after)
+    assert served == 80 and hits / served >= 0.8, (hits, served, after)
 
 
 def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recovers(service, engine):
@@ -288,7 +308,7 @@ def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recove
         os.kill(victim["pid"], signal.SIGKILL)
         killed.append(time.time())
 
-    done = _load(service, engine, n=120, threads=16, seed=2, per_request=32, side=96, during=kill_after_some)
+    done = _load(service, engine, n=120, threads=16, seed=2, per_request=32, side=256, during=kill_after_some)
     ingress = {k: v - before["ingress"][k] for k, v in _stats(service)["ingress"].items()}
     print(f"\nreplica {victim['replica']} (pid {victim['pid']}) killed mid-run: {json.dumps(done)}; "
           f"ingress during the run: {json.dumps(ingress)}")
