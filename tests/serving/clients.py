@@ -64,14 +64,21 @@ def expected(engine, task: str, image: Any, k: int) -> dict[str, np.ndarray]:
             "index": np.array([[prediction.indices[0]]], np.int64), "embedding": engine.embed(batch, task)}
 
 
-def mismatch(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> str | None:
-    """None when a served answer equals the expected one (probabilities within 1e-6), else what differs."""
+# Batched requests: ONNX Runtime's kernels round differently at other batch sizes; in-process
+# Engine.predict of 16 images vs one at a time differs by up to 1.8e-6 in probabilities here
+# (logit scale 100 amplifies ~1e-7 in the embedding), so answers computed beside batch-mates are
+# held to labels and index exactly and probabilities within 1e-5; a request alone, to 1e-6.
+BATCHED_PROBS_TOL = 1e-5
+
+
+def mismatch(got: dict[str, np.ndarray], want: dict[str, np.ndarray], probs_tol: float = 1e-6) -> str | None:
+    """None when a served answer equals the expected one (labels, index exactly), else what differs."""
     for name in got:
         if name in ("labels", "index"):
             if got[name].shape != want[name].shape or not (got[name] == want[name]).all():
                 return f"{name}: {got[name]} != {want[name]}"
         else:
-            tol = 1e-6 if name == "probs" else 1e-5
+            tol = probs_tol if name == "probs" else 1e-5
             if got[name].shape != want[name].shape or np.abs(got[name] - want[name]).max() > tol:
                 return f"{name}: max difference {np.abs(got[name] - want[name]).max()}"
     return None

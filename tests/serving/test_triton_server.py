@@ -58,7 +58,8 @@ def test_one_request_of_several_tasks_is_answered_in_order(server, engine, image
         client.close()
     for row, task in enumerate(tasks):
         want = clients.expected(engine, task, images[0], clients.TOP_K)
-        assert clients.mismatch({k: v[row:row + 1] for k, v in got.items()}, want) is None, (row, task)
+        assert clients.mismatch({k: v[row:row + 1] for k, v in got.items()}, want,
+                                clients.BATCHED_PROBS_TOL) is None, (row, task)
 
 
 def _bomb_png(width: int, height: int) -> bytes:
@@ -146,7 +147,8 @@ def _hammer(server, clients, references, images, malformed: float, seed: int, cl
                         outcome["bad_accepted"].append(task)
                     else:
                         outcome["good"] += 1
-                        problem = clients.mismatch(got, {k: references[task, j][k] for k in got})
+                        problem = clients.mismatch(got, {k: references[task, j][k] for k in got},
+                                                  clients.BATCHED_PROBS_TOL)
                         if problem:
                             outcome["wrong"].append((task, j, problem))
         finally:
@@ -223,7 +225,8 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(serve_bundle, refer
             task, j = list(clients.TASKS)[i % 4], i % len(images)
             got = clients.infer("grpc", client, clients.request(module, task, images[j]),
                                 outputs=("labels", "probs", "index"))
-            answers[i] = clients.mismatch(got, {k: references[task, j][k] for k in got}) or "ok"
+            answers[i] = clients.mismatch(got, {k: references[task, j][k] for k in got},
+                                          clients.BATCHED_PROBS_TOL) or "ok"
         except InferenceServerException as exc:
             answers[i] = exc.message()
         finally:
