@@ -12,6 +12,22 @@ TOP_K = 5
 MAX_PIXELS = 20_000  # the test server's image bound
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that were free on 127.0.0.1 a moment ago."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def client_module(kind: str):
     if kind == "http":
         import tritonclient.http as module

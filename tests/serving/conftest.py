@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,20 +26,6 @@ def _load_clients():
 
 CLIENTS = _load_clients()  # helpers and constants shared by the serving tests (tests use the fixture)
 TASKS, TOP_K, MAX_PIXELS = CLIENTS.TASKS, CLIENTS.TOP_K, CLIENTS.MAX_PIXELS
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free on 127.0.0.1 a moment ago."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +91,7 @@ def wait_ready(served: Served, timeout: float = 120.0) -> None:
 def start_server(bundle: Path, log: Path, *args: str) -> Served:
     pytest.importorskip("tritonclient.http")
     pytest.importorskip("pytriton", reason="nvidia-pytriton (tritonserver) is not installed")
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = CLIENTS.free_ports(3)
     command = [sys.executable, "-m", "rmt_deploy.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                "--top-k", str(TOP_K), "--drain-timeout", "5", *args]
