@@ -8,7 +8,7 @@ images, preprocessing included on both sides. Clients and server share this mach
 Writes benchmarks/results/serve.json and serve.txt.
 
     .venv/bin/python benchmarks/serve.py [--model ViT-B-16] [--workdir DIR (keeps the bundle)]
-        [--requests-per-client 1:8,8:4,32:2]
+        [--requests-per-client 1:8,8:4,32:2] [--max-queue-delay-us 5000]
 """
 from __future__ import annotations
 
@@ -68,22 +68,30 @@ def _images(n: int) -> list[np.ndarray]:
 def _stats(latencies: list[float], count: int, elapsed: float) -> dict:
     ms = np.asarray(latencies) * 1000
     return {"throughput_img_s": count / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "requests": count}
+            "p99_ms": float(np.percentile(ms, 99)), "requests": count, "elapsed_s": elapsed,
+            "latencies_ms": ms.tolist()}
+
+
+def _merge(parts: list[dict]) -> dict:
+    """Rounds of one side -> images over total time, percentiles over all latencies."""
+    ms = np.concatenate([p["latencies_ms"] for p in parts])
+    count, elapsed = sum(p["requests"] for p in parts), sum(p["elapsed_s"] for p in parts)
+    return {"throughput_img_s": count / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "images": count, "elapsed_s": elapsed,
+            "failed": sum(p.get("failed", 0) for p in parts)}
 
 
 def in_process(engine, concurrency: int, tasks: list[str], steps: int) -> dict:
     """Engine.predict on batches of `concurrency` images, split evenly over `tasks`."""
     images = _images(concurrency)
     per_task = max(1, concurrency // len(tasks))
-    groups = [(tasks[i % len(tasks)], images[i * per_task:(i + 1) * per_task])
-              for i in range(max(1, concurrency // per_task))]
-    for task, group in groups:  # warm-up
-        engine.predict(group, task=task)
+    groups = [images[i * per_task:(i + 1) * per_task] for i in range(max(1, concurrency // per_task))]
+    engine.predict(groups[0], task=tasks[0])  # warm-up
     latencies, start = [], time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
-        for task, group in groups:
-            engine.predict(group, task=task)
+        for i, group in enumerate(groups):  # at c=1 with 4 tasks: the task rotates step by step
+            engine.predict(group, task=tasks[(step + i) % len(tasks)])
         latencies.append(time.perf_counter() - t0)
     return _stats(latencies, steps * concurrency, time.perf_counter() - start)
 
@@ -154,7 +162,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--zeros", type=float, default=0.025)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--requests-per-client", default="1:8,8:4,32:2")
+    parser.add_argument("--requests-per-client", default="1:8,8:4,32:2", help="concurrency:requests, "
+                        "split over two interleaved rounds")
     parser.add_argument("--max-queue-delay-us", type=int, default=5000)
     args = parser.parse_args()
     plan = {int(c): int(n) for c, n in (item.split(":") for item in args.requests_per_client.split(","))}
@@ -165,29 +174,32 @@ def main() -> None:
     results = {"model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared; busy)",
                "settings": {"cache_tasks": 4, "max_batch": 32, "max_queue_delay_us": args.max_queue_delay_us,
                             "image": "224x224 uint8, one per request", "requests_per_client": plan},
-               "server": {}, "in_process": {}}
+               "server": {}, "in_process": {}, "load_average_before": os.getloadavg()}
     ports = _free_ports(3)
     process = start_server(bundle, ports, args.max_queue_delay_us, work / "serve.log")
+    from rmt_deploy.runtime.engine import Engine
+
+    # the machine is shared: each configuration runs in-process, served, in-process, served, and each
+    # side reports its images over its time, so both see the same background load
     try:
-        for label, tasks in (("1 task", TASKS[:1]), ("4 tasks", TASKS)):
-            for concurrency, per_client in plan.items():
-                row = served(f"127.0.0.1:{ports[1]}", concurrency, tasks, per_client)
-                results["server"][f"{label}, c={concurrency}"] = row
-                print(f"server     {label} c={concurrency}: {row}", flush=True)
+        with Engine.load(bundle, cache_tasks=4) as engine:
+            for label, tasks in (("1 task", TASKS[:1]), ("4 tasks", TASKS)):
+                for concurrency, per_client in plan.items():
+                    key = f"{label}, c={concurrency}"
+                    rows = {"in_process": [], "server": []}
+                    for _ in range(2):
+                        rows["in_process"].append(in_process(engine, concurrency, tasks, max(1, per_client // 2)))
+                        rows["server"].append(served(f"127.0.0.1:{ports[1]}", concurrency, tasks,
+                                                     max(1, per_client // 2)))
+                    for side, parts in rows.items():
+                        results[side][key] = _merge(parts)
+                        print(f"{side:10} {key}: {results[side][key]}", flush=True)
     finally:
         import signal
 
         process.send_signal(signal.SIGTERM)
         results["server_exit_status"] = process.wait(120)
-
-    from rmt_deploy.runtime.engine import Engine
-
-    with Engine.load(bundle, cache_tasks=4) as engine:
-        for label, tasks in (("1 task", TASKS[:1]), ("4 tasks", TASKS)):
-            for concurrency, per_client in plan.items():
-                row = in_process(engine, concurrency, tasks, max(2, per_client))
-                results["in_process"][f"{label}, c={concurrency}"] = row
-                print(f"in-process {label} batch={concurrency}: {row}", flush=True)
+    results["load_average_after"] = os.getloadavg()
     results["ratios"] = ratios(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -258,3 +258,15 @@ def test_serve_refuses_a_port_in_use_in_one_line(serve_bundle):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: --http-port {port} on 127.0.0.1 is not free (Address already in use); pick another port"]
+
+
+def test_a_request_naming_no_outputs_gets_all_four(server, engine, images, clients):
+    import tritonclient.http as module
+
+    client = clients.make_client("http", server)
+    try:
+        result = client.infer("rmt", clients.request(module, "delta", images[5]))
+    finally:
+        client.close()
+    got = {name: result.as_numpy(name) for name in clients.OUTPUTS}
+    assert clients.mismatch(got, clients.expected(engine, "delta", images[5], clients.TOP_K)) is None
