@@ -186,7 +186,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise RequestError(f"input 'image_bytes' ({len(data):,} bytes) is not a {', '.join(IMAGE_FORMATS)} file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, checked while opening
+        raise RequestError(f"input 'image_bytes' declares more pixels than the server's limit of "
+                           f"{limits.max_pixels:,} ({str(exc).split(' exceeds')[0]}): send a smaller image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise RequestError(f"input 'image_bytes' cannot be decoded as {', '.join(IMAGE_FORMATS)}: "
                            f"{type(exc).__name__}: {str(exc)[:200]}") from None
 

@@ -49,6 +49,7 @@ class KServeIngress:
         bundle = Bundle.open(cfg.bundle)  # the manifest only: task names and sizes for validation
         self._tasks = frozenset(bundle.tasks)
         self._embed_dim = int(bundle.manifest.embed_dim)
+        self._limits = protocol.ImageLimits(max_pixels=cfg.max_image_pixels)
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "ok": 0, "bad_requests": 0, "unavailable": 0, "internal_errors": 0,
@@ -109,8 +110,8 @@ class KServeIngress:
         return 200, payload, headers
 
     def _decode(self, body: bytes, header_length: str | None) -> tuple[InferRequest, list[protocol.Sample]]:
-        parsed = parse_infer_request(body, header_length)
-        return parsed, protocol.decode_inputs(parsed.inputs, self._tasks)
+        parsed = parse_infer_request(body, header_length, self._limits)
+        return parsed, protocol.decode_inputs(parsed.inputs, self._tasks, self._limits)
 
     # ------------------------------------------------------------ inference
 

@@ -5,7 +5,7 @@ image sizes (the `image` input allows ragged batches). Each request is decoded o
 (serving.protocol); a bad one gets its own error response. The good samples are grouped by
 task, each group runs once on its task's weights (engine.predict), and every request is
 answered in order with its own rows, so a result never depends on its batch-mates.
-Model parameters (config.pbtxt): bundle, top_k, cache_tasks, threads, backend.
+Model parameters (config.pbtxt): bundle, top_k, cache_tasks, threads, backend, max_image_pixels.
 Runs inside Triton's stub process: `triton_python_backend_utils` is importable only there.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rmt_deploy.errors import RmtError
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.serving import protocol
 
-PARAMETERS = ("bundle", "top_k", "cache_tasks", "threads", "backend")
+PARAMETERS = ("bundle", "top_k", "cache_tasks", "threads", "backend", "max_image_pixels")
 
 
 def model_parameters(args: dict[str, Any]) -> dict[str, str]:
@@ -53,6 +53,8 @@ class TritonPythonModel:
                                   cache_tasks=int(params.get("cache_tasks") or 2), threads=threads)
         self.top_k = int(params.get("top_k") or 5)
         self.tasks = frozenset(self.engine.tasks)
+        pixels = params.get("max_image_pixels")
+        self.limits = protocol.ImageLimits(max_pixels=int(pixels)) if pixels else protocol.ImageLimits()
         self.transform = ImageTransform.from_config(self.engine.bundle.manifest.preprocess)
         self.metrics = ServingMetrics(pb_utils, args["model_name"])
 
@@ -61,7 +63,7 @@ class TritonPythonModel:
         errors: dict[int, str] = {}
         for i, request in enumerate(requests):
             try:
-                samples.append(protocol.decode_inputs(self._inputs(request), self.tasks))
+                samples.append(protocol.decode_inputs(self._inputs(request), self.tasks, self.limits))
             except RmtError as exc:
                 samples.append(None)
                 errors[i] = str(exc)
@@ -79,32 +81,31 @@ class TritonPythonModel:
 
     def _run(self, samples: list[list[protocol.Sample] | None], wants_embedding: list[bool],
              errors: dict[int, str]) -> dict[int, dict[str, np.ndarray]]:
-        """Each task's samples in one engine run; request i -> its outputs (errors filled for failed runs)."""
-        flat = [(i, s) for i, request in enumerate(samples) if request for s in request]
-        groups = protocol.group_by_task([s for _, s in flat])
-        rows: dict[int, list[dict[str, np.ndarray]]] = {}
-        for task, positions in groups.items():
-            owners = [flat[p][0] for p in positions]
+        """Each task's samples in one engine run; request i -> its outputs, rows in the request's order
+        (a group that fails is rerun request by request, so only the failing request gets an error)."""
+        flat = [(i, k, s) for i, request in enumerate(samples) if request for k, s in enumerate(request)]
+        rows: dict[int, list[Any]] = {i: [None] * len(request) for i, request in enumerate(samples) if request}
+        for task, positions in protocol.group_by_task([s for _, _, s in flat]).items():
+            owners = [flat[p][:2] for p in positions]
             try:
-                outputs = self._predict(task, [flat[p][1].image for p in positions],
-                                        any(wants_embedding[i] for i in owners))
-            except Exception:  # noqa: BLE001 - a failure must not fail the batch: retried per request below
-                outputs = None
-            if outputs is None:  # isolate the request that failed the group
-                for i in sorted(set(owners)):
+                outputs = self._predict(task, [flat[p][2].image for p in positions],
+                                        any(wants_embedding[i] for i, _ in owners))
+            except Exception:  # noqa: BLE001 - must not fail the batch: rerun per request below
+                for i in sorted({i for i, _ in owners}):
                     self._run_alone(i, samples[i], wants_embedding[i], errors, rows)
                 continue
-            for row, i in enumerate(owners):
-                rows.setdefault(i, []).append({name: value[row] for name, value in outputs.items()})
+            for row, (i, k) in enumerate(owners):
+                rows[i][k] = {name: value[row] for name, value in outputs.items()}
         return {i: {name: np.stack([r[name] for r in parts]) for name in parts[0]}
                 for i, parts in rows.items() if i not in errors}
 
     def _run_alone(self, i: int, request: list[protocol.Sample], embedding: bool, errors: dict[int, str],
-                   rows: dict[int, list[dict[str, np.ndarray]]]) -> None:
+                   rows: dict[int, list[Any]]) -> None:
         try:
             for task, positions in protocol.group_by_task(request).items():
                 outputs = self._predict(task, [request[p].image for p in positions], embedding)
-                rows.setdefault(i, []).extend({n: v[r] for n, v in outputs.items()} for r in range(len(positions)))
+                for row, k in enumerate(positions):
+                    rows[i][k] = {name: value[row] for name, value in outputs.items()}
         except RmtError as exc:
             errors[i] = str(exc)
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own, never the batch's
@@ -120,7 +121,8 @@ class TritonPythonModel:
     def _response(self, outputs: dict[str, np.ndarray] | None, error: str | None) -> Any:
         pb = self._pb
         if error is not None or outputs is None:
-            return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(error or "internal error", pb.TritonError.INVALID_ARG))
+            error = pb.TritonError(error or "internal error", pb.TritonError.INVALID_ARG)
+            return pb.InferenceResponse(output_tensors=[], error=error)
         return pb.InferenceResponse(output_tensors=[pb.Tensor(name, value) for name, value in outputs.items()])
 
     def finalize(self) -> None:

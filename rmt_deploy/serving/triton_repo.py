@@ -42,13 +42,15 @@ class ServingConfig:
     cache_tasks: int = 2
     threads: int | None = None
     backend: str = "auto"
+    max_image_pixels: int = protocol.ImageLimits.max_pixels
 
     def validate(self) -> None:
         """InputError naming the bad value."""
         if not _NAME.match(self.model_name):
             raise InputError(f"model name {self.model_name!r} must be 1-128 letters, digits, '_', '.', '-'")
         for label, value, low in (("top-k", self.top_k, 1), ("max batch", self.max_batch, 1),
-                                  ("max queue delay", self.max_queue_delay_us, 0), ("cache tasks", self.cache_tasks, 1)):
+                                  ("max queue delay", self.max_queue_delay_us, 0), ("cache tasks", self.cache_tasks, 1),
+                                  ("max image pixels", self.max_image_pixels, 1)):
             if not isinstance(value, int) or value < low:
                 raise InputError(f"{label} {value!r} must be an integer >= {low}")
 
@@ -64,7 +66,8 @@ def _io(name: str, dtype: str, dims: list[int], extra: str = "") -> str:
 def engine_config(config: ServingConfig, embed_dim: int, bundle_value: str) -> str:
     """config.pbtxt of the Python-backend model hosting the Engine."""
     params = {"bundle": bundle_value, "top_k": str(config.top_k), "cache_tasks": str(config.cache_tasks),
-              "threads": "" if config.threads is None else str(config.threads), "backend": config.backend}
+              "threads": "" if config.threads is None else str(config.threads), "backend": config.backend,
+              "max_image_pixels": str(config.max_image_pixels)}
     inputs = [_io(protocol.TASK, "TYPE_STRING", [1], " optional: true"),
               _io(protocol.IMAGE, "TYPE_UINT8", [-1, -1, 3], " optional: true allow_ragged_batch: true"),
               _io(protocol.IMAGE_BYTES, "TYPE_STRING", [1], " optional: true")]

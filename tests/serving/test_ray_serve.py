@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 TASKS = [f"task{i}" for i in range(8)]
 CACHE_TASKS = 2
 TOP_K = 3
+MAX_PIXELS = 100 * 100
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def service(ray_bundle, tmp_path_factory):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     port = _free_port()
     config = RayServeConfig(bundle=str(ray_bundle.root), replicas=2, cache_tasks=CACHE_TASKS, top_k=TOP_K,
-                            replica_cpus=0.5, threads=1)
+                            replica_cpus=0.5, threads=1, max_image_pixels=MAX_PIXELS)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
@@ -209,6 +210,7 @@ def test_encoded_image_bytes_and_binary_tensors_via_tritonclient(service, engine
     (lambda b: b["inputs"][1].update(shape=[1, 3, 32, 32]), "expected [H, W, 3]"),
     (lambda b: b["inputs"][1].update(shape=[1, 0, 32, 3], data=[]), "is empty"),
     (lambda b: b.update(inputs="x"), "'inputs' list"),
+    (lambda b: b["inputs"][1].update(shape=[1, 101, 100, 3], data=[0] * 30300), "more than the server's limit"),
 ])
 def test_bad_requests_get_400_naming_the_problem_and_the_service_keeps_serving(service, engine, mutate,
                                                                                  message):
