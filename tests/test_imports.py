@@ -31,6 +31,11 @@ RUNTIME_PATH_MODULES = [
     "rmt_deploy.serving.triton_repo",
     "rmt_deploy.serving.tritonserver",
     "rmt_deploy.serving.cli",
+    "rmt_deploy.serving.kserve_http",
+    "rmt_deploy.serving.ray_config",
+    "rmt_deploy.serving.ray_ingress",
+    "rmt_deploy.serving.ray_replica",
+    "rmt_deploy.serving.ray",
     # need torch to run, but listing or importing them must stay cheap
     "rmt_deploy.export.cli",
     "rmt_deploy.export.tensorrt",

@@ -111,6 +111,9 @@ class KServeIngress:
 
     def _decode(self, body: bytes, header_length: str | None) -> tuple[InferRequest, list[protocol.Sample]]:
         parsed = parse_infer_request(body, header_length, self._limits)
+        unknown = sorted(set(parsed.outputs or ()) - set(protocol.OUTPUTS))
+        if unknown:  # refused before any replica works on it
+            raise protocol.RequestError(f"output {unknown[0]!r} is not one of {', '.join(protocol.OUTPUTS)}")
         return parsed, protocol.decode_inputs(parsed.inputs, self._tasks, self._limits)
 
     # ------------------------------------------------------------ inference

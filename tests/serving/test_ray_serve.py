@@ -210,6 +210,7 @@ def test_encoded_image_bytes_and_binary_tensors_via_tritonclient(service, engine
     (lambda b: b["inputs"][1].update(shape=[1, 3, 32, 32]), "expected [H, W, 3]"),
     (lambda b: b["inputs"][1].update(shape=[1, 0, 32, 3], data=[]), "is empty"),
     (lambda b: b.update(inputs="x"), "'inputs' list"),
+    (lambda b: b.update(outputs=[{"name": "logits"}]), "output 'logits' is not one of labels, probs"),
     (lambda b: b["inputs"][1].update(shape=[1, 101, 100, 3], data=[0] * 30300), "more than the server's limit"),
 ])
 def test_bad_requests_get_400_naming_the_problem_and_the_service_keeps_serving(service, engine, mutate,
