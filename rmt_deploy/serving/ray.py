@@ -37,7 +37,7 @@ def build_app(config: RayServeConfig) -> Any:
                     ", ".join(sorted(RayServeConfig.__dataclass_fields__.keys() - {"extra"})))
     settings = config.to_dict()
     replica = serve.deployment(TaskReplica, name=REPLICA).options(
-        ray_actor_options={"num_cpus": config.replica_cpus},
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         max_ongoing_requests=config.max_ongoing_requests,
         health_check_period_s=5, graceful_shutdown_timeout_s=10,
     )

@@ -28,6 +28,7 @@ class RayServeConfig:
     target_ongoing_requests: float = 2.0   # autoscaling target per replica
     max_ongoing_requests: int = 8          # per replica; more wait in the router
     replica_cpus: float = 1.0              # Ray CPUs per replica (fractions are fine)
+    replica_gpus: float = 0.0              # Ray GPUs per replica (with device="cuda")
     ingress_cpus: float = 0.0
     threads: int | None = None             # intra-op threads per Engine (default: ONNX Runtime's)
     backend: str = "auto"
@@ -49,9 +50,9 @@ class RayServeConfig:
             _positive_int("threads", self.threads)
         if not isinstance(self.bundle, str) or not self.bundle:
             raise InputError(f"bundle={self.bundle!r}: give the bundle directory, e.g. bundle=PATH")
-        if self.replica_cpus < 0 or self.ingress_cpus < 0:
-            raise InputError(f"replica_cpus={self.replica_cpus}, ingress_cpus={self.ingress_cpus}: "
-                             "CPU shares must be >= 0")
+        if min(self.replica_cpus, self.ingress_cpus, self.replica_gpus) < 0:
+            raise InputError(f"replica_cpus={self.replica_cpus}, replica_gpus={self.replica_gpus}, "
+                             f"ingress_cpus={self.ingress_cpus}: resource shares must be >= 0")
         if self.routing not in ROUTINGS:
             raise InputError(f"routing={self.routing!r} is not one of {', '.join(ROUTINGS)}")
         if not self.model_name or "/" in self.model_name:

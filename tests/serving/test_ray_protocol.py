@@ -135,6 +135,7 @@ def test_app_builder_passes_replicas_autoscaling_and_cache_size_to_serve():
     assert (ingress.name, replica.name) == ("KServeIngress", "TaskReplica")
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 1.5)
     assert replica.ray_actor_options["num_cpus"] == 0.5 and ingress.ray_actor_options["num_cpus"] == 0
+    assert replica.ray_actor_options["num_gpus"] == 0
     fixed = app({"bundle": "/b", "replicas": "2"})._bound_deployment.init_args[0]._bound_deployment
     assert fixed._deployment_config.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
     rr = app({"bundle": "/b", "replicas": "3", "routing": "round_robin"})._bound_deployment.init_args[0]
