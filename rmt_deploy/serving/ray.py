@@ -10,6 +10,7 @@ Options are RayServeConfig's fields (`serve run` passes them as key=value string
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -63,15 +64,19 @@ def app(args: dict[str, str]) -> Any:
 
 def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address: str | None = None,
         stop: threading.Event | None = None, ready: Callable[[str], None] | None = None) -> None:
-    """Start (or join, with `address` or RAY_ADDRESS) a Ray cluster, serve the app on host:port until
-    SIGTERM/Ctrl-C or `stop`, then delete the application (replicas finish what they hold) and leave."""
+    """Start a local Ray cluster, or join the one at `address` (or RAY_ADDRESS); serve the app on
+    host:port until SIGTERM/Ctrl-C or `stop`; then delete the application (replicas finish what they
+    hold), and shut Serve and Ray down only when this call started them."""
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
     from rmt_deploy.bundle import Bundle
 
     Bundle.open(config.bundle)  # a bad path or manifest fails here, before a cluster starts
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=False)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
                 if threading.current_thread() is threading.main_thread()}
@@ -84,7 +89,8 @@ def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address
     finally:
         try:
             serve.delete(config.app_name)
-            serve.shutdown()
+            if not address:  # a cluster of our own; on a shared one other applications keep running
+                serve.shutdown()
         finally:
             ray.shutdown()
             for sig, handler in previous.items():

@@ -3,7 +3,11 @@ raylets `ray start --head` / `ray start --address` run), the app placed across t
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,24 +31,36 @@ def three_task_bundle(tmp_path_factory, tiny_checkpoint, make_taskpack):
     return out
 
 
-def test_replicas_run_on_the_worker_nodes_and_answer(three_task_bundle):
+def test_serve_joins_a_cluster_replicas_run_on_the_worker_nodes_and_answer(three_task_bundle):
+    """`RAY_ADDRESS=HEAD rmt-deploy serve --engine ray` on a 0-CPU head + 2 worker nodes."""
     from ray.cluster_utils import Cluster
 
     from rmt_deploy.runtime.engine import Engine
-    from rmt_deploy.serving.ray import RayServeConfig, build_app
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    process = None
     try:
         workers = {cluster.add_node(num_cpus=1).node_id, cluster.add_node(num_cpus=1).node_id}
-        ray.init(address=cluster.address, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = RayServeConfig(bundle=str(three_task_bundle), replicas=2, replica_cpus=1, threads=1)
-        serve.run(build_app(config), name="rmt", route_prefix="/")
+        env = dict(os.environ, RAY_ADDRESS=cluster.address, RAY_USAGE_STATS_ENABLED="0")
+        process = subprocess.Popen([sys.executable, "-m", "rmt_deploy.cli", "serve", "--engine", "ray",
+                                    "--bundle", str(three_task_bundle), "--replicas", "2", "--threads", "1",
+                                    "--host", "127.0.0.1", "--http-port", str(port)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                   start_new_session=True)
         url = f"http://127.0.0.1:{port}/v2/models/rmt"
+        deadline = time.time() + 180
+        while True:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            try:
+                if requests.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, "not ready after 180 s"
+            time.sleep(1)
         image = np.random.default_rng(1).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
         with Engine.load(three_task_bundle, threads=1) as engine:
             for task in ("t0", "t1", "t2"):
@@ -58,9 +74,16 @@ def test_replicas_run_on_the_worker_nodes_and_answer(three_task_bundle):
                 assert np.allclose(probs[:3], want, rtol=0, atol=1e-6)
         nodes = {r["node"] for r in requests.get(f"{url}/stats", timeout=30).json()["replicas"]}
         assert nodes == workers  # one replica per worker node; the 0-CPU head runs none
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-3000:]
     finally:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         try:
-            serve.shutdown()
+            ray.init(address=cluster.address, log_to_driver=False)
+            serve.shutdown()  # the joined cluster keeps Serve running: stop it before the cluster goes
         finally:
             ray.shutdown()
             cluster.shutdown()
