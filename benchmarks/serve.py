@@ -78,7 +78,8 @@ def _merge(parts: list[dict]) -> dict:
     count, elapsed = sum(p["requests"] for p in parts), sum(p["elapsed_s"] for p in parts)
     return {"throughput_img_s": count / elapsed, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "images": count, "elapsed_s": elapsed,
-            "failed": sum(p.get("failed", 0) for p in parts)}
+            "failed": sum(p.get("failed", 0) for p in parts),
+            **({"mean_batch": parts[-1]["mean_batch"]} if "mean_batch" in parts[-1] else {})}
 
 
 def in_process(engine, concurrency: int, tasks: list[str], steps: int) -> dict:
@@ -135,12 +136,12 @@ def served(url: str, concurrency: int, tasks: list[str], per_client: int) -> dic
     return result
 
 
-def start_server(bundle: Path, ports: list[int], delay_us: int, log: Path):
+def start_server(bundle: Path, ports: list[int], delay_us: int, log: Path, extra: list[str]):
     import subprocess
 
     command = [sys.executable, "-m", "rmt_deploy.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
                "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-               "--cache-tasks", "4", "--max-batch", "32", "--max-queue-delay-us", str(delay_us)]
+               "--cache-tasks", "4", "--max-batch", "32", "--max-queue-delay-us", str(delay_us), *extra]
     process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     import urllib.request
 
@@ -165,6 +166,9 @@ def main() -> None:
     parser.add_argument("--requests-per-client", default="1:8,8:4,32:2", help="concurrency:requests, "
                         "split over two interleaved rounds")
     parser.add_argument("--max-queue-delay-us", type=int, default=5000)
+    parser.add_argument("--serve-args", default="", help="more `rmt-deploy serve` options, e.g. '--instances 2 "
+                        "--threads 1'")
+    parser.add_argument("--out", default="serve", help="results file stem under benchmarks/results")
     args = parser.parse_args()
     plan = {int(c): int(n) for c, n in (item.split(":") for item in args.requests_per_client.split(","))}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rmt-serve-bench-"))
@@ -173,27 +177,30 @@ def main() -> None:
 
     results = {"model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared; busy)",
                "settings": {"cache_tasks": 4, "max_batch": 32, "max_queue_delay_us": args.max_queue_delay_us,
-                            "image": "224x224 uint8, one per request", "requests_per_client": plan},
+                            "image": "224x224 uint8, one per request", "requests_per_client": plan,
+                            "serve_args": args.serve_args},
                "server": {}, "in_process": {}, "load_average_before": os.getloadavg()}
     ports = _free_ports(3)
-    process = start_server(bundle, ports, args.max_queue_delay_us, work / "serve.log")
+    process = start_server(bundle, ports, args.max_queue_delay_us, work / "serve.log", args.serve_args.split())
     from rmt_deploy.runtime.engine import Engine
 
-    # the machine is shared: each configuration runs in-process, served, in-process, served, and each
-    # side reports its images over its time, so both see the same background load
+    # the machine is shared and its load drifts: at each concurrency, two rounds of in-process and served,
+    # 1 task and 4 tasks, interleaved; each side reports its images over its own time
     try:
         with Engine.load(bundle, cache_tasks=4) as engine:
-            for label, tasks in (("1 task", TASKS[:1]), ("4 tasks", TASKS)):
-                for concurrency, per_client in plan.items():
-                    key = f"{label}, c={concurrency}"
-                    rows = {"in_process": [], "server": []}
-                    for _ in range(2):
-                        rows["in_process"].append(in_process(engine, concurrency, tasks, max(1, per_client // 2)))
-                        rows["server"].append(served(f"127.0.0.1:{ports[1]}", concurrency, tasks,
-                                                     max(1, per_client // 2)))
-                    for side, parts in rows.items():
-                        results[side][key] = _merge(parts)
-                        print(f"{side:10} {key}: {results[side][key]}", flush=True)
+            for concurrency, per_client in plan.items():
+                rows: dict = {}
+                for _ in range(2):
+                    for label, tasks in (("1 task", TASKS[:1]), ("4 tasks", TASKS)):
+                        key, steps = f"{label}, c={concurrency}", max(1, per_client // 2)
+                        rows.setdefault(("in_process", key), []).append(in_process(engine, concurrency, tasks, steps))
+                        before = _counts(ports[0])
+                        rows.setdefault(("server", key), []).append(
+                            served(f"127.0.0.1:{ports[1]}", concurrency, tasks, steps))
+                        rows["server", key][-1]["mean_batch"] = _mean_batch(ports[0], before)
+                for (side, key), parts in rows.items():
+                    results[side][key] = _merge(parts)
+                    print(f"{side:10} {key}: {results[side][key]}", flush=True)
     finally:
         import signal
 
@@ -202,9 +209,23 @@ def main() -> None:
     results["load_average_after"] = os.getloadavg()
     results["ratios"] = ratios(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "serve.txt").write_text(text_report(results) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{args.out}.txt").write_text(text_report(results) + "\n")
     print(text_report(results))
+
+
+def _counts(http_port: int) -> tuple[int, int]:
+    """Triton's (inference_count, execution_count) of the model: requests and the batches they ran in."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/rmt/stats", timeout=10) as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def _mean_batch(http_port: int, before: tuple[int, int]) -> float:
+    after = _counts(http_port)
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
 def _free_ports(n: int) -> list[int]:
@@ -242,6 +263,8 @@ def text_report(r: dict) -> str:
                      f"{ref['throughput_img_s']:16.2f} {ref['p50_ms']:9.0f} {ref['p99_ms']:9.0f}   "
                      f"{row['throughput_img_s'] / ref['throughput_img_s']:.2f}x")
     lines += [f"{k}: {v:.2f}" for k, v in r["ratios"].items() if k != "targets"]
+    lines.append("server mean batch (Triton inference/execution counts): " + ", ".join(
+        f"{k} {v['mean_batch']:.1f}" for k, v in r["server"].items() if "mean_batch" in v))
     lines.append(f"targets: server >= {TARGETS['server_vs_inprocess_c8']}x in-process at c=8; "
                  f"4 tasks >= {TARGETS['four_vs_one_task']}x 1 task")
     return "\n".join(lines)

@@ -90,6 +90,8 @@ def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_t
 @click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
               help="how long a request may wait for batch-mates.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: all).")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="model instances, each its own process and Engine (memory x N); batches run in parallel.")
 @click.option("--backend", default="auto", show_default=True, help="engine backend: auto, onnxruntime, tensorrt.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=ServingConfig.max_image_pixels,
               show_default=True, help="largest image (raw or decoded) a request may send.")
@@ -102,7 +104,8 @@ def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_t
               help="--engine ray: Engine replicas behind the one endpoint.")
 def serve(bundle_path: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, model_name: str,
           top_k: int, cache_tasks: int, max_batch: int, max_queue_delay_us: int, threads: int | None,
-          backend: str, max_image_pixels: int, drain_timeout: int, engine: str, replicas: int) -> None:
+          instances: int, backend: str, max_image_pixels: int, drain_timeout: int, engine: str,
+          replicas: int) -> None:
     """Serve a bundle's tasks over KServe v2 HTTP/gRPC with Triton Inference Server (or Ray Serve)."""
     if engine == "ray":
         check_port_free(host, http_port, "--http-port")
@@ -113,5 +116,5 @@ def serve(bundle_path: Path, host: str, http_port: int, grpc_port: int, metrics_
         return
     config = ServingConfig(model_name=model_name, top_k=top_k, max_batch=max_batch,
                            max_queue_delay_us=max_queue_delay_us, cache_tasks=cache_tasks, threads=threads,
-                           backend=backend, max_image_pixels=max_image_pixels)
+                           backend=backend, max_image_pixels=max_image_pixels, instances=instances)
     serve_bundle(bundle_path, Ports(http_port, grpc_port, metrics_port, host), config, drain_timeout)

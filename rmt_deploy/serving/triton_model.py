@@ -64,9 +64,9 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 samples.append(protocol.decode_inputs(self._inputs(request), self.tasks, self.limits))
-            except RmtError as exc:
+            except Exception as exc:  # noqa: BLE001 - a request that cannot be read fails alone
                 samples.append(None)
-                errors[i] = str(exc)
+                errors[i] = str(exc) if isinstance(exc, RmtError) else f"internal error: {type(exc).__name__}: {exc}"
         wants_embedding = [protocol.EMBEDDING in request.requested_output_names() for request in requests]
         results = self._run(samples, wants_embedding, errors)
         self.metrics.record(samples, len(errors), self.engine.cache_stats)

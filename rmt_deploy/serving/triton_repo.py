@@ -43,6 +43,7 @@ class ServingConfig:
     threads: int | None = None
     backend: str = "auto"
     max_image_pixels: int = protocol.ImageLimits.max_pixels
+    instances: int = 1  # Triton model instances: each a stub process with its own Engine (memory x N)
 
     def validate(self) -> None:
         """InputError naming the bad value."""
@@ -50,7 +51,7 @@ class ServingConfig:
             raise InputError(f"model name {self.model_name!r} must be 1-128 letters, digits, '_', '.', '-'")
         for label, value, low in (("top-k", self.top_k, 1), ("max batch", self.max_batch, 1),
                                   ("max queue delay", self.max_queue_delay_us, 0), ("cache tasks", self.cache_tasks, 1),
-                                  ("max image pixels", self.max_image_pixels, 1)):
+                                  ("max image pixels", self.max_image_pixels, 1), ("instances", self.instances, 1)):
             if not isinstance(value, int) or value < low:
                 raise InputError(f"{label} {value!r} must be an integer >= {low}")
 
@@ -79,7 +80,7 @@ def engine_config(config: ServingConfig, embed_dim: int, bundle_value: str) -> s
     return (f"name: {_quote(config.model_name)}\nbackend: \"python\"\nmax_batch_size: {config.max_batch}\n"
             f"dynamic_batching {{ max_queue_delay_microseconds: {config.max_queue_delay_us} }}\n"
             f"input [\n{sep.join(inputs)}\n]\noutput [\n{sep.join(outputs)}\n]\n"
-            f"instance_group [ {{ kind: KIND_CPU count: 1 }} ]\n{parameters}\n")
+            f"instance_group [ {{ kind: KIND_CPU count: {config.instances} }} ]\n{parameters}\n")
 
 
 def folded_config(task: str, input_name: str, output_name: str, image_size: tuple[int, int], classes: int,

@@ -93,7 +93,7 @@ def command(repo: Path, backends: Path, ports: Ports, extra: Sequence[str] = ())
             f"--backend-directory={backends}", f"--http-address={ports.host}", f"--http-port={ports.http}",
             f"--grpc-address={ports.host}", f"--grpc-port={ports.grpc}", f"--metrics-address={ports.host}",
             f"--metrics-port={ports.metrics}", "--allow-metrics=true", "--allow-gpu-metrics=false",
-            "--exit-on-error=true", "--exit-timeout-secs=30", "--log-verbose=0", *extra]
+            "--exit-on-error=true", "--log-verbose=0", *extra]
 
 
 class TritonServer:
