@@ -35,6 +35,7 @@ class RayServeConfig:
     device: str = "cpu"
     top_k: int = 5
     max_image_pixels: int = 4096 * 4096    # per image, raw or decoded (protocol.ImageLimits)
+    max_request_bytes: int = 256 << 20     # per HTTP request body
     model_name: str = "rmt"
     routing: str = "multiplexed"           # "round_robin": no task affinity (the benchmark's baseline)
     app_name: str = "rmt"
@@ -46,6 +47,7 @@ class RayServeConfig:
         _positive_int("max_ongoing_requests", self.max_ongoing_requests)
         _positive_int("top_k", self.top_k)
         _positive_int("max_image_pixels", self.max_image_pixels)
+        _positive_int("max_request_bytes", self.max_request_bytes)
         if self.threads is not None:
             _positive_int("threads", self.threads)
         if not isinstance(self.bundle, str) or not self.bundle:

@@ -92,8 +92,8 @@ class KServeIngress:
 
     async def _infer_http(self, request: Any) -> tuple[int, bytes, dict | None]:
         self._count("requests")
-        body = await request.body()
         try:
+            body = await self._read_body(request)
             parsed, samples = await asyncio.to_thread(self._decode, body, request.headers.get(HEADER_LENGTH))
             outputs = await self.infer(samples, parsed.outputs is None or protocol.EMBEDDING in parsed.outputs)
             payload, headers = encode_infer_response(self._config.model_name, outputs, parsed)
@@ -108,6 +108,21 @@ class KServeIngress:
             return 500, error_body(_internal(exc)), None
         self._count("ok")
         return 200, payload, headers
+
+    async def _read_body(self, request: Any) -> bytes:
+        """The request body, refused as soon as it passes max_request_bytes (declared or streamed)."""
+        limit = self._config.max_request_bytes
+        declared = request.headers.get("content-length")
+        too_big = f"request body is larger than the server's limit of {limit:,} bytes: send smaller or fewer images"
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise protocol.RequestError(too_big)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise protocol.RequestError(too_big)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _decode(self, body: bytes, header_length: str | None) -> tuple[InferRequest, list[protocol.Sample]]:
         parsed = parse_infer_request(body, header_length, self._limits)

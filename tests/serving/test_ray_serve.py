@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 TASKS = [f"task{i}" for i in range(8)]
 CACHE_TASKS = 2
 TOP_K = 3
-MAX_PIXELS = 100 * 100
+MAX_PIXELS = 256 * 256  # the kill test sends 256x256 images
+MAX_BODY = 16 << 20     # ... 32 to a request, 6.3 MB
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def service(ray_bundle, tmp_path_factory):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     port = _free_port()
     config = RayServeConfig(bundle=str(ray_bundle.root), replicas=2, cache_tasks=CACHE_TASKS, top_k=TOP_K,
-                            replica_cpus=0.5, threads=1, max_image_pixels=MAX_PIXELS)
+                            replica_cpus=0.5, threads=1, max_image_pixels=MAX_PIXELS, max_request_bytes=MAX_BODY)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
@@ -211,7 +212,8 @@ def test_encoded_image_bytes_and_binary_tensors_via_tritonclient(service, engine
     (lambda b: b["inputs"][1].update(shape=[1, 0, 32, 3], data=[]), "is empty"),
     (lambda b: b.update(inputs="x"), "'inputs' list"),
     (lambda b: b.update(outputs=[{"name": "logits"}]), "output 'logits' is not one of labels, probs"),
-    (lambda b: b["inputs"][1].update(shape=[1, 101, 100, 3], data=[0] * 30300), "more than the server's limit"),
+    (lambda b: b["inputs"][1].update(shape=[1, 257, 256, 3], data=[0] * (257 * 256 * 3)),
+     "more than the server's limit"),
 ])
 def test_bad_requests_get_400_naming_the_problem_and_the_service_keeps_serving(service, engine, mutate,
                                                                                  message):
@@ -227,6 +229,14 @@ def test_bad_requests_get_400_naming_the_problem_and_the_service_keeps_serving(s
 def test_not_json_is_400(service):
     response = requests.post(f"{service}/v2/models/rmt/infer", data=b"\xff\x00", timeout=30)
     assert response.status_code == 400 and "not JSON" in response.json()["error"]
+
+
+def test_a_body_over_the_limit_is_400_declared_or_streamed(service):
+    response = requests.post(f"{service}/v2/models/rmt/infer", data=b" " * (MAX_BODY + 1), timeout=60)
+    assert response.status_code == 400 and "larger than the server's limit" in response.json()["error"]
+    chunks = (b" " * (1 << 20) for _ in range(17))  # chunked: no Content-Length
+    response = requests.post(f"{service}/v2/models/rmt/infer", data=chunks, timeout=60)
+    assert response.status_code == 400 and "larger than the server's limit" in response.json()["error"]
 
 
 def _load(url: str, engine, n: int, threads: int, seed: int, per_request: int = 1, side: int | None = None,
