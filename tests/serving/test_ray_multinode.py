@@ -72,8 +72,11 @@ def test_serve_joins_a_cluster_replicas_run_on_the_worker_nodes_and_answer(three
                 probs = {o["name"]: o["data"] for o in response.json()["outputs"]}["probs"]
                 want = np.sort(engine.predict(list(image), task=task).probs[0])[::-1]
                 assert np.allclose(probs[:3], want, rtol=0, atol=1e-6)
-        nodes = {r["node"] for r in requests.get(f"{url}/stats", timeout=30).json()["replicas"]}
-        assert nodes == workers  # one replica per worker node; the 0-CPU head runs none
+        deadline = time.time() + 60  # the ingress's router may not list the second replica at once
+        while len(replicas := requests.get(f"{url}/stats", timeout=30).json()["replicas"]) < 2:
+            assert time.time() < deadline, replicas
+            time.sleep(1)
+        assert {r["node"] for r in replicas} == workers  # one replica per worker node; the 0-CPU head runs none
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 0, err[-3000:]
