@@ -46,7 +46,7 @@ class TaskReplica:
         self._pid = os.getpid()
         self._node = ray.get_runtime_context().get_node_id()
         self._lock = threading.Lock()
-        self._counts = {"requests": 0, "samples": 0, "resident_hits": 0, "loads": 0, "errors": 0}
+        self._counts = {"requests": 0, "samples": 0, "resident_hits": 0, "loads": 0, "errors": 0, "ongoing": 0}
         self._max_resident = len(self._engine.resident_tasks)
         self._started = time.time()
         # the loader as a plain closure (Serve keeps its LRU on the function), so
@@ -72,6 +72,7 @@ class TaskReplica:
         from ray import serve
 
         hit = task in self._engine.resident_tasks
+        self._count("ongoing")
         try:
             if self._multiplexed:
                 model_id = serve.get_multiplexed_model_id()
@@ -84,6 +85,8 @@ class TaskReplica:
         except RmtError as exc:
             self._count("errors")
             reply = {"error": str(exc)}
+        finally:
+            self._count("ongoing", -1)
         resident = self._engine.resident_tasks
         with self._lock:
             self._counts["requests"] += 1
