@@ -104,7 +104,7 @@ def test_served_repository_answers_match_the_folded_models(repo, images, engine)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("model_name", "../x", "model name '../x' must be 1-128 letters"),
+    ("model_name", "../x", "model name '../x' must be 1-128 letters, digits, '_', '.', '-'"),
     ("top_k", 0, "top-k 0 must be an integer >= 1"),
     ("max_batch", 0, "max batch 0 must be an integer >= 1"),
     ("instances", 0, "instances 0 must be an integer >= 1"),
