@@ -1,8 +1,9 @@
-"""Reading a task for serving: its head, and its masks as zero indices (never a dense bool mask).
+"""Reading a task for serving: its head, and its masks kept encoded until they are needed.
 
-A .rmtask is checksum-verified and fingerprint-checked like `TaskPack.load`, but each
-mask blob is decoded straight to the sorted flat indices of its zeros
-(`masks.decode_zero_indices`), so a ViT-B/16 task costs a few MB instead of 28 MB of bools.
+A .rmtask is checksum-verified and fingerprint-checked like `TaskPack.load` (`read_compact`),
+and its mask blobs are kept as stored: a ViT-B/16 task then costs its file's size. When a
+task is switched to, each blob is decoded straight to the sorted flat indices of its
+zeros (`decode_zeros`, via `masks.decode_zero_indices`), never to a dense bool mask.
 numpy only.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
 from rmt_deploy.fingerprint import short
 from rmt_deploy.integrity import FileRecord
-from rmt_deploy.masks import decode_zero_indices
+from rmt_deploy.masks import decode_zero_indices, encode_mask
 from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
 
 
@@ -37,27 +38,57 @@ class TaskHead:
 
 
 @dataclass(frozen=True)
+class CompactTask:
+    """A verified task as the store keeps it: its head and its encoded masks (open_clip name -> blob)."""
+
+    head: TaskHead
+    blobs: dict[str, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the encoded masks and the head's tensors."""
+        return sum(len(b) for b in self.blobs.values()) + self.head.head.nbytes
+
+
+@dataclass(frozen=True)
 class ServingTask:
     head: TaskHead
-    zeros: dict[str, np.ndarray]  # open_clip tensor name -> sorted flat zero indices (TaskPool compacts them)
+    zeros: dict[str, np.ndarray]  # open_clip tensor name -> sorted flat zero indices
 
 
 def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,
               shapes: Mapping[str, tuple[int, ...]], embed_dim: int,
-              record: FileRecord | None = None, expected_name: str | None = None) -> ServingTask:
-    """Load a task from a .rmtask path (or an in-memory TaskPack) for a base with these tensors.
+              record: FileRecord | None = None, expected_name: str | None = None,
+              quick_gelu: bool | None = None) -> ServingTask:
+    """`read_compact`, then every mask decoded to its zero indices."""
+    task = read_compact(source, fingerprint, shapes, embed_dim, record, expected_name, quick_gelu)
+    return ServingTask(task.head, decode_zeros(task.blobs, shapes))
+
+
+def decode_zeros(blobs: Mapping[str, bytes], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Sorted flat int64 zero indices of each mask, each blob checked to declare its tensor's shape."""
+    return {name: decode_zero_indices(blob, shapes[name])[1] for name, blob in blobs.items()}
+
+
+def read_compact(source: str | os.PathLike | TaskPack, fingerprint: str,
+                 shapes: Mapping[str, tuple[int, ...]], embed_dim: int,
+                 record: FileRecord | None = None, expected_name: str | None = None,
+                 quick_gelu: bool | None = None) -> CompactTask:
+    """Read a task from a .rmtask path (or an in-memory TaskPack) for a base with these tensors.
 
     A file is read once, checked against `record` (the bundle's size and sha256) and `expected_name`
-    when given, and its masks are decoded only after their declared shapes match the base's."""
+    when given; its base fingerprint, activation (`quick_gelu`, when given) and mask shapes must be
+    the base's. Masks stay encoded."""
     if isinstance(source, TaskPack):
         source.check_base(fingerprint)
         head = TaskHead(source.name, tuple(source.class_names), source.head, float(source.logit_scale))
         where = f"task pack {source.name!r}"
+        _check_activation(where, source.quick_gelu, quick_gelu)
         _check_layout(where, head, {n: tuple(m.shape) for n, m in source.masks.items()}, shapes, embed_dim)
-        return ServingTask(head, {n: np.flatnonzero(~m).astype(np.int64) for n, m in source.masks.items()})
+        return CompactTask(head, {n: encode_mask(m) for n, m in source.masks.items()})
     path = Path(source)
     try:
-        return _read_file(path, fingerprint, shapes, embed_dim, record, expected_name)
+        return _read_file(path, fingerprint, shapes, embed_dim, record, expected_name, quick_gelu)
     except RmtError as exc:
         if isinstance(exc, IncompatibleBaseError) or str(path) in str(exc):
             raise
@@ -67,7 +98,7 @@ def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,
 
 
 def _read_file(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, ...]], embed_dim: int,
-               record: FileRecord | None, expected_name: str | None) -> ServingTask:
+               record: FileRecord | None, expected_name: str | None, quick_gelu: bool | None) -> CompactTask:
     encoded = read_encoded(path, record, expected_name)
     meta = encoded.meta
     if encoded.base_fingerprint != fingerprint:
@@ -78,9 +109,17 @@ def _read_file(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, ...
         )
     head = TaskHead(check_task_name(encoded.name), tuple(meta["class_names"]), encoded.head,
                     float(meta["logit_scale"]))
+    _check_activation(f"task '{encoded.name}' ({path})", bool(meta.get("quick_gelu", False)), quick_gelu)
     _check_layout(str(path), head, encoded.mask_shapes, shapes, embed_dim)  # before anything is decoded
-    zeros = {name: decode_zero_indices(blob, shapes[name])[1] for name, blob in encoded.blobs.items()}
-    return ServingTask(head, zeros)
+    return CompactTask(head, encoded.blobs)
+
+
+def _check_activation(where: str, task_quick_gelu: bool, base_quick_gelu: bool | None) -> None:
+    if base_quick_gelu is not None and bool(task_quick_gelu) != bool(base_quick_gelu):
+        raise IncompatibleBaseError(
+            f"{where} was trained with quick_gelu={bool(task_quick_gelu)}, this bundle's base runs with "
+            f"quick_gelu={bool(base_quick_gelu)}: retrain the task on this base or load the bundle it was "
+            "trained on")
 
 
 def _check_layout(where: str, head: TaskHead, mask_shapes: Mapping[str, tuple[int, ...]],
