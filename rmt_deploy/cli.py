@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "rmt_deploy.training.cli:evaluate",
     "export": "rmt_deploy.export.cli:export",
     "inspect": "rmt_deploy.inspect_task:inspect",
+    "bundle": "rmt_deploy.bundle_cli:bundle",
     "predict": "rmt_deploy.runtime.cli:predict",
     "bench": "rmt_deploy.bench.cli:bench",
     "demo": "rmt_deploy.demo.cli:demo",
