@@ -12,6 +12,7 @@ Part 2, the tiny model with 10,000 tasks: load time, RSS, add/remove throughput,
 Memory figures come from fresh subprocesses (VmRSS deltas). Writes benchmarks/results/scale.json.
 
     .venv/bin/python benchmarks/scale.py [--tasks 1000] [--tiny-tasks 10000] [--workdir DIR] [--threads 2]
+        [--only switch,predict]   (with --workdir: rerun some steps, keep the others' results)
 """
 from __future__ import annotations
 
@@ -149,23 +150,21 @@ def measure_load(work: Path, threads: int, repeats: int = 5) -> dict:
 
 
 def part_cold_rss(work: Path, threads: int, count: int) -> dict:
-    """RSS growth per task made cold (read, verified, kept encoded) by switching through `count` tasks."""
+    """RSS growth per task made cold (read, verified, kept encoded) by switching through `count` tasks:
+    the slope from the first quarter to the end (the first tasks reuse memory the load freed)."""
     from rmt_deploy.runtime.engine import Engine
 
     engine = Engine.load(work / "bundle-N", threads=threads, cache_tasks=1, warm_bytes=0)
     names = engine.tasks[1:count + 1]
-    engine.switch(names[0])
-    engine.switch(engine.tasks[0])
-    before = rss_mb()
-    cold_before = engine.store_stats["cold_bytes"]
-    for name in names[1:]:
+    marks = []
+    for index, name in enumerate(names, 1):
         engine.switch(name)
-    engine.switch(engine.tasks[0])
-    grown = rss_mb() - before
-    stats = engine.store_stats
-    encoded = (stats["cold_bytes"] - cold_before) / (len(names) - 1)
-    return {"tasks_made_cold": len(names) - 1, "rss_per_cold_task_mb": grown / (len(names) - 1),
-            "held_per_cold_task_mb": encoded / 2**20, "store": stats}
+        if index in (len(names) // 4, len(names)):
+            engine.switch(engine.tasks[0])
+            marks.append((index, rss_mb(), engine.store_stats["cold_bytes"]))
+    (i0, rss0, held0), (i1, rss1, held1) = marks
+    return {"tasks_made_cold": len(names), "rss_per_cold_task_mb": (rss1 - rss0) / (i1 - i0),
+            "held_per_cold_task_mb": (held1 - held0) / (i1 - i0) / 2**20, "store": engine.store_stats}
 
 
 def _floor(work: Path):
@@ -189,41 +188,44 @@ def _floor(work: Path):
 
 
 def measure_switch(work: Path, threads: int, samples: int) -> dict:
-    """Switch p50/p99 from each tier, each sample followed by one floor sample (interleaved)."""
+    """Switch p50/p99 from each tier. The tiers take turns sample by sample, each switch followed by one
+    floor sample, so load on the machine falls on all of them alike."""
     from rmt_deploy.bench.sessions import folded_session
     from rmt_deploy.bundle import Bundle
     from rmt_deploy.runtime.engine import Engine
 
     floor = _floor(work)
-    floor_ms: list[float] = []
-    result: dict[str, dict] = {}
     root = work / "bundle-N"
     names = Bundle.open(root).tasks
-    ring = names[1:21]
-
-    def run(tier: str, engine: Engine, sequence: list[str], expect: str) -> None:
-        times = []
-        for name in sequence:
-            times.append(timed_ms(lambda: engine.switch(name)))
-            floor_ms.append(timed_ms(floor))
-        result[tier] = pct(times)
-        assert engine.tier(sequence[-2] if len(sequence) > 1 else sequence[0]) in (expect, "resident")
-
-    with Engine.load(root, threads=threads, cache_tasks=2) as engine:
-        engine.switch(names[1]), engine.switch(names[2])
-        run("cached", engine, [names[1 + i % 2] for i in range(samples * 4)], "resident")
-    with Engine.load(root, threads=threads, cache_tasks=1, warm_bytes=1 << 30) as engine:
+    ring, fresh = names[1:21], iter(names[21:])
+    samples = min(samples, len(names) - 21)
+    cached = Engine.load(root, threads=threads, cache_tasks=2)
+    warm = Engine.load(root, threads=threads, cache_tasks=1, warm_bytes=1 << 30)
+    cold = Engine.load(root, threads=threads, cache_tasks=1, warm_bytes=0)
+    disk = Engine.load(root, threads=threads, cache_tasks=1, warm_bytes=0)
+    try:
+        cached.switch(names[1]), cached.switch(names[2])
         for name in ring:
-            engine.switch(name)
-        run("warm", engine, [ring[i % len(ring)] for i in range(samples)], "warm")
-    with Engine.load(root, threads=threads, cache_tasks=1, warm_bytes=0) as engine:
-        for name in ring:
-            engine.switch(name)
-        run("cold", engine, [ring[i % len(ring)] for i in range(samples)], "cold")
-        fresh = names[21:21 + samples]
-        run("disk", engine, fresh, "cold")
+            warm.switch(name), cold.switch(name)
+        plans = {"cached": (cached, lambda i: names[1 + i % 2], "resident"),
+                 "warm": (warm, lambda i: ring[i % len(ring)], "warm"),
+                 "cold": (cold, lambda i: ring[i % len(ring)], "cold"),
+                 "disk": (disk, lambda i: next(fresh), "disk")}
+        times: dict[str, list[float]] = {tier: [] for tier in plans}
+        floor_ms: list[float] = []
+        for i in range(samples):
+            for tier, (engine, pick, before) in plans.items():
+                name = pick(i)
+                assert engine.tier(name) == before, (tier, name, engine.tier(name))
+                times[tier].append(timed_ms(lambda: engine.switch(name)))
+                floor_ms.append(timed_ms(floor))
+        times["cached"] += [timed_ms(lambda: cached.switch(names[1 + i % 2])) for i in range(samples * 3)]
+    finally:
+        for engine in (cached, warm, cold, disk):
+            engine.close()
     bundle = Bundle.open(root)
     naive = [timed_ms(lambda: folded_session(bundle, names[0], threads)) for _ in range(3)]
+    result = {tier: pct(values) for tier, values in times.items()}
     floor_p50 = float(np.median(floor_ms))
     ratios = {tier: result[tier]["p50"] / floor_p50 for tier in ("warm", "cold", "disk")}
     return {"switch_ms": result, "floor_ms": pct(floor_ms), "naive_new_session_ms": float(np.median(naive)),
@@ -321,9 +323,16 @@ def prepare_adapters(work: Path, count: int) -> list[Path]:
 
 
 def part_adapter_rss(work: Path, threads: int, count: int) -> dict:
-    """RSS growth per loaded ORT adapter (each holds one task's dense masked tensors)."""
+    """RSS growth per ORT adapter (one task's dense masked tensors each): once loaded, and once each
+    has served a run (its pages are then resident)."""
     import onnxruntime as ort
 
+    from rmt_deploy.bundle import Bundle
+
+    manifest = Bundle.open(work / "bundle-N").manifest
+    batch = {manifest.input_name: images(1, tuple(manifest.preprocess.image_size))}
+    session = ort.InferenceSession(str(work / "adapters" / "peer.onnx"), providers=["CPUExecutionProvider"])
+    session.run([manifest.output_name], batch)
     paths = sorted((work / "adapters").glob("*.onnx_adapter"))[:count]
     before = rss_mb()
     adapters = []
@@ -331,7 +340,14 @@ def part_adapter_rss(work: Path, threads: int, count: int) -> dict:
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
         adapters.append(adapter)
-    return {"rss_per_adapter_mb": (rss_mb() - before) / len(adapters), "adapters": len(adapters)}
+    loaded = rss_mb()
+    for adapter in adapters:
+        run = ort.RunOptions()
+        run.add_active_adapter(adapter)
+        session.run([manifest.output_name], batch, run)
+    used = rss_mb()
+    return {"rss_per_adapter_loaded_mb": (loaded - before) / len(adapters),
+            "rss_per_adapter_mb": (used - before) / len(adapters), "adapters": len(adapters)}
 
 
 def part_folded_rss(work: Path, threads: int, count: int) -> dict:
@@ -499,6 +515,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--part", default="all")
     parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated steps to rerun: load,cold,switch,predict,"
+                                                   "adapters,tiny (others are kept from results/scale.json)")
     args = parser.parse_args()
     if args.part != "all":
         parts = {"cold-rss": part_cold_rss, "adapter-rss": part_adapter_rss, "folded-rss": part_folded_rss,
@@ -508,38 +526,41 @@ def main() -> None:
     own = args.workdir is None
     args.workdir = Path(tempfile.mkdtemp(prefix="rmt-scale-")) if own else args.workdir
     args.workdir.mkdir(parents=True, exist_ok=True)
-    work = args.workdir
     try:
-        result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                              "python": platform.python_version()}}
-        vit = {"prepared": prepare(work, args.model, args.tasks, folded=True)}
-        print("prepared", vit["prepared"], flush=True)
-        vit["load"] = measure_load(work, args.threads)
-        print("load", vit["load"], flush=True)
-        vit["cold"] = sub("cold-rss", args, "--count", "200")
-        print("cold", vit["cold"], flush=True)
-        vit["switch"] = measure_switch(work, args.threads, samples=40)
-        print("switch", vit["switch"], flush=True)
-        vit["predict"] = measure_predict_and_correctness(work, args.threads, repeats=30, sample=10)
-        print("predict", vit["predict"], flush=True)
-        paths = prepare_adapters(work, 3)
-        vit["adapters"] = measure_adapters(work, args.threads, 20, paths)
-        vit["adapter_rss"] = sub("adapter-rss", args, "--count", "3")
-        vit["folded_rss"] = sub("folded-rss", args, "--count", "3")
-        print("adapters", vit["adapters"], vit["adapter_rss"], vit["folded_rss"], flush=True)
-        result["vit"] = vit
-        tiny = {"prepared": prepare_tiny(work, args.tiny_tasks)}
-        tiny.update(sub("tiny", args, "--count", "50"))
-        result["tiny"] = tiny
-        print("tiny", tiny, flush=True)
-        result["summary"] = summary(result)
-        result["targets"] = TARGETS
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "scale.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result["summary"], indent=2))
+        run_steps(args, own)
     finally:
         if own:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def run_steps(args: argparse.Namespace, own: bool) -> None:
+    """Every measurement (or those in --only, updating the committed results) in order."""
+    work, threads = args.workdir, args.threads
+    path = RESULTS / "scale.json"
+    result = json.loads(path.read_text()) if args.only and path.is_file() else {"vit": {}, "tiny": {}}
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads,
+                         "python": platform.python_version()}
+    vit, tiny = result["vit"], result["tiny"]
+    vit["prepared"] = prepare(work, args.model, args.tasks, folded=True)
+    steps = {
+        "load": lambda: vit.update(load=measure_load(work, threads)),
+        "cold": lambda: vit.update(cold=sub("cold-rss", args, "--count", str(min(800, args.tasks - 1)))),
+        "switch": lambda: vit.update(switch=measure_switch(work, threads, samples=40)),
+        "predict": lambda: vit.update(predict=measure_predict_and_correctness(work, threads, 30, 10)),
+        "adapters": lambda: vit.update(adapters=measure_adapters(work, threads, 20, prepare_adapters(work, 3)),
+                                       adapter_rss=sub("adapter-rss", args, "--count", "3"),
+                                       folded_rss=sub("folded-rss", args, "--count", "3")),
+        "tiny": lambda: (tiny.update(prepared=prepare_tiny(work, args.tiny_tasks)),
+                         tiny.update(sub("tiny", args, "--count", "50"))),
+    }
+    for name in (args.only.split(",") if args.only else steps):
+        steps[name]()
+        print(name, json.dumps(vit.get(name, tiny if name == "tiny" else None))[:2000], flush=True)
+    result["summary"] = summary(result)
+    result["targets"] = TARGETS
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"], indent=2))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from rmt_deploy.integrity import REBUILD
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
 from rmt_deploy.runtime.taskpool import BASE, Lease, TaskPool, TensorSpec, index_array
-from rmt_deploy.runtime.tasks import CompactTask, TaskHead, decode_zeros, read_compact
+from rmt_deploy.masks import decode_zero_indices
+from rmt_deploy.runtime.tasks import CompactTask, LazyZeros, TaskHead, read_compact
 from rmt_deploy.runtime.taskstore import DEFAULT_WARM_BYTES, RESIDENT, TaskStore, check_warm_bytes
 from rmt_deploy.taskpack import TaskPack
 
@@ -103,6 +104,10 @@ def _make_pool(bundle: Bundle, impl: Any, cache_tasks: int, threads: int | None)
             pool.close()
             raise
     return pool
+
+
+def _stored_zeros(spec: TensorSpec, shape: tuple[int, ...], blob: bytes) -> np.ndarray:
+    return index_array(spec.stored_indices(decode_zero_indices(blob, shape)[1]))
 
 
 class Engine:
@@ -207,9 +212,11 @@ class Engine:
                             bundle.record(bundle.task_relative(name)), name, manifest.quick_gelu)
 
     def _decode(self, task: CompactTask) -> Mapping[str, np.ndarray]:
-        """Zero indices of each masked tensor in the backend's stored layout."""
-        zeros = decode_zeros(task.blobs, self._shapes)
-        return {s.key: index_array(s.stored_indices(zeros[s.tensor])) for s in self._backend.specs}
+        """Zero indices of each masked tensor in the backend's stored layout, decoded as the pool
+        rewrites each tensor (on its worker threads)."""
+        specs = self._backend.specs
+        return LazyZeros(task.blobs, {s.key: partial(_stored_zeros, s, self._shapes[s.tensor]) for s in specs},
+                         {s.key: s.tensor for s in specs})
 
     def add_task(self, source: str | os.PathLike | TaskPack) -> str:
         """Hot-add a task from a .rmtask path or a TaskPack (verified and fingerprint-checked now);

@@ -155,7 +155,9 @@ class TaskPool:
             victim.generation += 1
         try:
             new_zeros = NO_ZEROS if task == BASE else zeros()
-            self._check_zeros(task, new_zeros)
+            if task != BASE and set(new_zeros) != set(self.specs):
+                raise InternalError(f"task {task!r} masks {sorted(new_zeros)[:3]}, the pool holds "
+                                    f"{sorted(self.specs)[:3]}")
         except BaseException:
             self._settle(victim, old_task, old_zeros, rewritten=False)
             raise
@@ -216,12 +218,10 @@ class TaskPool:
         if self._closed:
             raise InputError("this engine is closed; load a new one with Engine.load(...)")
 
-    def _check_zeros(self, task: str, zeros: Zeros) -> None:
-        if set(zeros) != set(self.specs) and task != BASE:
-            raise InternalError(f"task {task!r} masks {sorted(zeros)[:3]}, the pool holds {sorted(self.specs)[:3]}")
-        for key, idx in zeros.items():
-            if idx.dtype != np.intp or idx.ndim != 1 or (idx.size and not 0 <= idx[0] <= idx[-1] < self.specs[key].size):
-                raise InternalError(f"task {task!r}: zero indices of {key!r} are not sorted in-range intp")
+    def _checked(self, key: str, idx: np.ndarray) -> np.ndarray:
+        if idx.dtype != np.intp or idx.ndim != 1 or (idx.size and not 0 <= idx[0] <= idx[-1] < self.specs[key].size):
+            raise InternalError(f"zero indices of {key!r} are not sorted in-range intp")
+        return idx
 
     def _pin(self, slot: _Slot) -> Lease:
         self._clock += 1
@@ -249,12 +249,12 @@ class TaskPool:
     def _rewrite(self, arrays: dict[str, np.ndarray], old: Zeros, new: Zeros) -> None:
         def rewrite(key: str) -> None:
             flat, base = arrays[key].reshape(-1), self.base[key].reshape(-1)
+            zeros = self._checked(key, new[key]) if key in new else None  # may decode here, on this worker
             idx = old.get(key)
             if idx is not None and idx.size:
                 flat[idx] = base[idx]
-            idx = new.get(key)
-            if idx is not None and idx.size:
-                flat[idx] = 0
+            if zeros is not None and zeros.size:
+                flat[zeros] = 0
 
         if self._executor is None:
             for key in arrays:

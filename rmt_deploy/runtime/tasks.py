@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
 from rmt_deploy.fingerprint import short
 from rmt_deploy.integrity import FileRecord
-from rmt_deploy.masks import decode_zero_indices, encode_mask
+from rmt_deploy.masks import decode_zero_indices, encode_mask, mask_stats
 from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
 
 
@@ -68,6 +68,33 @@ def read_task(source: str | os.PathLike | TaskPack, fingerprint: str,
 def decode_zeros(blobs: Mapping[str, bytes], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Sorted flat int64 zero indices of each mask, each blob checked to declare its tensor's shape."""
     return {name: decode_zero_indices(blob, shapes[name])[1] for name, blob in blobs.items()}
+
+
+class LazyZeros(Mapping[str, np.ndarray]):
+    """A task's zero indices per stored key, each decoded at its first access and kept.
+
+    The pool rewrites a buffer tensor by tensor on its worker threads: decoding inside that
+    loop overlaps decoding with rewriting. `nbytes` (what the decoded arrays take) is known
+    from the blob headers before anything is decoded."""
+
+    def __init__(self, blobs: Mapping[str, bytes], decoders: Mapping[str, Callable[[bytes], np.ndarray]],
+                 sources: Mapping[str, str]):
+        self._blobs, self._decoders, self._sources = blobs, decoders, sources  # key -> open_clip tensor name
+        self._done: dict[str, np.ndarray] = {}
+        self.nbytes = sum(mask_stats(blobs[sources[key]]).zeros for key in sources) * np.dtype(np.intp).itemsize
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        found = self._done.get(key)
+        if found is None:
+            found = self._decoders[key](self._blobs[self._sources[key]])
+            self._done[key] = found
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
 
 
 def read_compact(source: str | os.PathLike | TaskPack, fingerprint: str,

@@ -35,9 +35,6 @@ class _Entry:
     zeros: Mapping[str, np.ndarray] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)  # one reader/decoder per task at a time
 
-    @property
-    def warm_nbytes(self) -> int:
-        return sum(a.nbytes for a in self.zeros.values()) if self.zeros is not None else 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,12 @@ class StoreStats:
     cold_bytes: int
     warm_bytes: int
     warm_budget: int
+
+
+def zeros_nbytes(zeros: Mapping[str, np.ndarray]) -> int:
+    """Bytes of a task's decoded zero indices (known before decoding for a LazyZeros)."""
+    known = getattr(zeros, "nbytes", None)
+    return int(known) if known is not None else sum(a.nbytes for a in zeros.values())
 
 
 def check_warm_bytes(value: object) -> int:
@@ -152,7 +155,7 @@ class TaskStore:
 
     def _keep_warm(self, name: str, entry: _Entry, zeros: Mapping[str, np.ndarray]) -> None:
         """Record `name` as most recently used; drop the least recently used warm tasks over the budget."""
-        size = sum(a.nbytes for a in zeros.values())
+        size = zeros_nbytes(zeros)
         if entry.zeros is None:
             if size > self.warm_budget:
                 return
