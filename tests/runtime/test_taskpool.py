@@ -242,3 +242,27 @@ def test_stored_indices_follow_a_transposed_layout(shape, perm):
     spec = TensorSpec("w", stored_shape, np.dtype(np.float32), "w", perm)
     expected = np.flatnonzero(~(np.transpose(keep, perm) if perm else keep))
     np.testing.assert_array_equal(spec.stored_indices(np.flatnonzero(~keep)), expected)
+
+
+def test_a_decode_failing_midway_resets_the_buffer_to_the_base_values():
+    """Zero indices may be decoded lazily, tensor by tensor, during the rewrite: a failure half-way
+    leaves the buffer holding the plain base values, never a mix of two tasks."""
+    pool, base, masks, _ = _setup(1)
+    with _lease(pool, masks, "t0"):
+        pass
+    good = _zeros(masks, "t1")()
+
+    class Failing(dict):
+        def __getitem__(self, key):
+            if key == "c":
+                raise ArtifactError("t1: mask 'c' is damaged")
+            return good[key]
+
+    with pytest.raises(ArtifactError, match="damaged"):
+        pool.acquire("t1", lambda: Failing(good))
+    assert pool.resident() == []
+    with pool.lease(BASE, None) as lease:
+        for key, array in lease.arrays.items():
+            np.testing.assert_array_equal(array, base[key])
+    with _lease(pool, masks, "t1") as lease:
+        _check(lease, base, masks)
