@@ -279,7 +279,7 @@ def measure_predict_and_correctness(work: Path, threads: int, repeats: int, samp
         probe = images(4, size)
         out["task0_vs_folded_rel_l2"] = rel_l2(engine.predict(probe, task="task0").logits,
                                                folded.run(["logits"], {bundle.manifest.input_name: probe})[0])
-        del folded
+        folded = None  # free the folded session before the dense reference session
         session, weights = _base_session(bundle, threads)
         rng = np.random.default_rng(0)
         picked = sorted(rng.choice(len(bundle.tasks), size=min(sample, len(bundle.tasks)), replace=False))

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from rmt_deploy.bundle import Bundle
-from rmt_deploy.errors import ArtifactError, InputError, UnknownTaskError
+from rmt_deploy.errors import ArtifactError, InputError
 from rmt_deploy.fingerprint import fingerprint_arrays, short
 from rmt_deploy.integrity import REBUILD
 from rmt_deploy.preprocess import ImageTransform, to_batch

@@ -1,10 +1,12 @@
 """TaskPool: a small LRU of dense masked-weight buffers, rewritten in place on a miss.
 
-A buffer holding task A becomes task B by copying the base values back at A's zero
-indices and zeroing B's, which touches a few percent of the memory. The base values
-come from one pristine copy of the masked tensors (a read-only mapping of the bundle's
-base weights file where the layouts match, else one copy in memory), never from a
-per-task copy: a task costs the pool nothing until it is resident.
+A buffer holding task A becomes task B by writing the base values back at A's zero
+indices and zeroing B's, which touches a few percent of the memory. The base values at
+a resident task's zeros are read from its buffer just before they are zeroed (the
+buffer then holds exactly the base) and kept with the buffer, so evicting it is a
+scatter; nothing per task is kept once it leaves. One pristine copy of the masked
+tensors (a read-only mapping of the bundle's base weights file where the layouts match,
+else one copy in memory) fills new buffers and resets a buffer after a failed rewrite.
 A buffer in use by a caller (leased) is never rewritten, so every run sees exactly one
 task's weights. A rewrite runs outside the pool's lock: hits on other buffers go on
 meanwhile. numpy only.
@@ -68,6 +70,7 @@ class _Slot:
     arrays: dict[str, np.ndarray]
     task: str
     zeros: Zeros = field(default_factory=dict)  # what is zeroed in `arrays` now
+    restore: dict[str, np.ndarray] = field(default_factory=dict)  # the base values at those zeros
     ready: bool = True                           # False while a rewrite to `task` is under way
     refs: int = 0
     generation: int = 0
@@ -150,7 +153,7 @@ class TaskPool:
                 self.stats.waits += 1
                 self._cond.wait()
             self.stats.misses += 1
-            old_task, old_zeros = victim.task, victim.zeros
+            old = (victim.task, victim.zeros, victim.restore)
             victim.task, victim.ready, victim.refs = task, False, 1  # owned by this thread while rewritten
             victim.generation += 1
         try:
@@ -159,17 +162,11 @@ class TaskPool:
                 raise InternalError(f"task {task!r} masks {sorted(new_zeros)[:3]}, the pool holds "
                                     f"{sorted(self.specs)[:3]}")
         except BaseException:
-            self._settle(victim, old_task, old_zeros, rewritten=False)
+            self._finish(victim, *old)  # nothing was written
             raise
-        try:
-            self._rewrite(victim.arrays, old_zeros, new_zeros)
-        except BaseException:
-            self._settle(victim, BASE, NO_ZEROS, rewritten=True)
-            raise
+        restore = self._rewrite_or_reset(victim, old[1], old[2], new_zeros)
         with self._cond:
-            victim.zeros, victim.ready = new_zeros, True
-            victim.refs = 0
-            self._cond.notify_all()
+            self._finish(victim, task, new_zeros, restore, bump=False)
             return self._pin(victim)
 
     def release(self, lease: Lease) -> None:
@@ -195,10 +192,11 @@ class TaskPool:
                 if slot.ready and slot.refs == 0:
                     break
                 self._cond.wait()
-            old_zeros = slot.zeros
+            old_zeros, old_restore = slot.zeros, slot.restore
             slot.task, slot.ready, slot.refs = BASE, False, 1
             slot.generation += 1
-        self._settle(slot, BASE, old_zeros, rewritten=True)
+        self._rewrite_or_reset(slot, old_zeros, old_restore, NO_ZEROS)
+        self._finish(slot, BASE, NO_ZEROS, {})
         return True
 
     def close(self) -> None:
@@ -246,14 +244,21 @@ class TaskPool:
         self.stats.allocations += 1
         return slot
 
-    def _rewrite(self, arrays: dict[str, np.ndarray], old: Zeros, new: Zeros) -> None:
+    def _rewrite(self, arrays: dict[str, np.ndarray], old: Zeros, old_restore: Mapping[str, np.ndarray],
+                 new: Zeros) -> dict[str, np.ndarray]:
+        """Give the old zeros their base values back, then zero the new ones; returns the base values
+        at the new zeros, read from the buffer just before zeroing them (the buffer then holds exactly
+        the base, and reading the lines about to be written costs little)."""
+        restore: dict[str, np.ndarray] = {}
+
         def rewrite(key: str) -> None:
-            flat, base = arrays[key].reshape(-1), self.base[key].reshape(-1)
+            flat = arrays[key].reshape(-1)
             zeros = self._checked(key, new[key]) if key in new else None  # may decode here, on this worker
             idx = old.get(key)
             if idx is not None and idx.size:
-                flat[idx] = base[idx]
-            if zeros is not None and zeros.size:
+                flat[idx] = old_restore[key]
+            if zeros is not None:
+                restore[key] = flat[zeros]
                 flat[zeros] = 0
 
         if self._executor is None:
@@ -261,17 +266,26 @@ class TaskPool:
                 rewrite(key)
         else:
             list(self._executor.map(rewrite, arrays))
+        return restore
 
-    def _settle(self, slot: _Slot, task: str, zeros: Zeros, rewritten: bool) -> None:
-        """End a rewrite that did not complete: back to `task` untouched, or reset to the base values."""
-        if rewritten:
+    def _rewrite_or_reset(self, slot: _Slot, old: Zeros, old_restore: Mapping[str, np.ndarray],
+                          new: Zeros) -> dict[str, np.ndarray]:
+        """`_rewrite`; if it fails half-way, the buffer gets the pristine base values back (never a mix)."""
+        try:
+            return self._rewrite(slot.arrays, old, old_restore, new)
+        except BaseException:
             for key, array in slot.arrays.items():
                 array[...] = self.base[key]
+            self._finish(slot, BASE, NO_ZEROS, {})
+            raise
+
+    def _finish(self, slot: _Slot, task: str, zeros: Zeros, restore: dict[str, np.ndarray],
+                bump: bool = True) -> None:
+        """Make a slot being rewritten ready again, holding `task`, and wake the waiters."""
         with self._cond:
-            slot.task, slot.zeros, slot.ready, slot.refs = task, zeros, True, 0
-            if rewritten:
-                slot.task, slot.zeros = BASE, NO_ZEROS
-            slot.generation += 1
+            slot.task, slot.zeros, slot.restore, slot.ready, slot.refs = task, zeros, restore, True, 0
+            if bump:
+                slot.generation += 1
             self._cond.notify_all()
 
 
