@@ -213,18 +213,20 @@ def measure_switch(work: Path, threads: int, samples: int) -> dict:
                  "disk": (disk, lambda i: next(fresh), "disk")}
         times: dict[str, list[float]] = {tier: [] for tier in plans}
         floor_ms: list[float] = []
+        naive: list[float] = []
+        bundle = Bundle.open(root)
         for i in range(samples):
             for tier, (engine, pick, before) in plans.items():
                 name = pick(i)
                 assert engine.tier(name) == before, (tier, name, engine.tier(name))
                 times[tier].append(timed_ms(lambda: engine.switch(name)))
                 floor_ms.append(timed_ms(floor))
+            if i % 8 == 0:  # the naive switch: a new session on a folded model, interleaved too
+                naive.append(timed_ms(lambda: folded_session(bundle, names[0], threads)))
         times["cached"] += [timed_ms(lambda: cached.switch(names[1 + i % 2])) for i in range(samples * 3)]
     finally:
         for engine in (cached, warm, cold, disk):
             engine.close()
-    bundle = Bundle.open(root)
-    naive = [timed_ms(lambda: folded_session(bundle, names[0], threads)) for _ in range(3)]
     result = {tier: pct(values) for tier, values in times.items()}
     floor_p50 = float(np.median(floor_ms))
     ratios = {tier: result[tier]["p50"] / floor_p50 for tier in ("warm", "cold", "disk")}
