@@ -24,6 +24,7 @@ COMMANDS = {
     "inspect": "rmt_deploy.inspect_task:inspect",
     "bundle": "rmt_deploy.bundle_cli:bundle",
     "predict": "rmt_deploy.runtime.cli:predict",
+    "serve": "rmt_deploy.serving.cli:serve",
     "bench": "rmt_deploy.bench.cli:bench",
     "demo": "rmt_deploy.demo.cli:demo",
 }

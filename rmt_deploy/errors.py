@@ -42,7 +42,8 @@ def check_format(data: dict, tag: str, version: int, where: str, fix: str) -> No
 # top-level optional module -> the extra that installs it
 EXTRA_FOR_MODULE = {
     "torch": "train", "torchvision": "train", "open_clip": "train", "onnxscript": "train", "onnx_ir": "train",
-    "onnx": "onnx", "onnxruntime": "onnx",
+    "onnx": "train", "onnxruntime": "onnx",
+    "pytriton": "serve", "tritonclient": "serve",
     "tensorrt": "trt", "cuda": "trt",
     "skimage": "demo", "sklearn": "demo", "matplotlib": "demo",
     "jsonschema": "dev", "pytest": "dev", "hypothesis": "dev",

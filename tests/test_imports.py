@@ -24,6 +24,13 @@ RUNTIME_PATH_MODULES = [
     "rmt_deploy.bench.cli",
     "rmt_deploy.bench.memory",
     "rmt_deploy.tensorrt_files",
+    "rmt_deploy.serving",
+    "rmt_deploy.serving.protocol",
+    "rmt_deploy.serving.metrics",
+    "rmt_deploy.serving.triton_model",
+    "rmt_deploy.serving.triton_repo",
+    "rmt_deploy.serving.tritonserver",
+    "rmt_deploy.serving.cli",
     # need torch to run, but listing or importing them must stay cheap
     "rmt_deploy.export.cli",
     "rmt_deploy.export.tensorrt",
@@ -73,3 +80,17 @@ def test_missing_optional_package_names_the_extra():
             print(exc)
     """)
     assert "pip install 'rmt-deploy[train]'" in result.stdout, result.stderr
+
+
+def test_the_triton_model_serves_without_torch():
+    """What the Python-backend stub imports to serve: rmt_deploy's serving and runtime path, no torch."""
+    result = _run(f"""
+        import sys
+        for name in {HEAVY!r}:
+            sys.modules[name] = None
+        import rmt_deploy.serving.triton_model, rmt_deploy.serving.metrics
+        import rmt_deploy.runtime.engine, rmt_deploy.runtime.backends.onnxruntime
+        print(",".join(m for m in ("onnx", "tritonclient", "pytriton") if m in sys.modules))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

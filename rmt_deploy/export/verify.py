@@ -38,7 +38,7 @@ class Check:
 
 def check_onnx(path: Path) -> None:
     """onnx.checker full check, on the path so external data is found; ArtifactError on failure."""
-    onnx = require("onnx", "onnx")
+    onnx = require("onnx", "train")
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # checker raises ValidationError, InferenceError, ...
