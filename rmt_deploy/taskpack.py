@@ -25,7 +25,8 @@ import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError, check_format
 from rmt_deploy.fingerprint import short
-from rmt_deploy.heads import CACHE_KINDS, ZEROSHOT, Cache, check_alpha_beta, check_cache_layout, check_kind, check_labels
+from rmt_deploy.heads import (CACHE_KINDS, ZEROSHOT, Cache, check_alpha_beta, check_cache_layout, check_kind,
+                              check_labels)
 from rmt_deploy.integrity import FileRecord, read_verified
 from rmt_deploy.masks import MAX_SIZE as MAX_MASK_ELEMENTS
 from rmt_deploy.masks import decode_mask, encode_mask

@@ -52,7 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         choices=planning.DOMAIN_VARIANTS, metavar="VARIANT")
     parser.add_argument("--domain-shots", type=int, default=planning.DOMAIN_SHOTS)
     parser.add_argument("--heads", nargs="+", default=list(planning.COMBINED_HEADS),
-                        choices=["coop", "tip-adapter", "tip-adapter-f"], help="combined cells: heads trained with masks")
+                        choices=["coop", "tip-adapter", "tip-adapter-f"],
+                        help="combined cells: the heads trained with the masks")
     parser.add_argument("--combined-shots", type=int, default=planning.COMBINED_SHOTS)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe (30; ImageNet 10)")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe (8e-5; ImageNet 3e-5)")

@@ -21,7 +21,8 @@ from rmt_deploy.training.regularizer import SCORE_L2_WEIGHT
 
 CONFIG_VERSION = 2  # 2: `precision` replaced `amp`; lr, epochs and gdr_lambda default to the recipe
 # fields added since version 2 with defaults that reproduce what runs before them did (resume compares them)
-ADDED_DEFAULTS = {"head": ZEROSHOT}
+ADDED_DEFAULTS = {"head": ZEROSHOT, "coop_n_ctx": N_CTX, "coop_ctx_init": "", "coop_lr": COOP_LR,
+                  "tip_views": AUGMENT_VIEWS}
 
 
 @dataclass

@@ -34,7 +34,7 @@ class PromptLearner(nn.Module):
     def __init__(self, model: Any, tokenizer: Any, class_names: Sequence[str], n_ctx: int = N_CTX,
                  ctx_init: str = "", generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.text = model
+        self.__dict__["text"] = model  # used, not owned: not a submodule, so not in parameters() or state_dict()
         for param in _text_parameters(model):
             param.requires_grad_(False)
         embedding = model.token_embedding

@@ -1,4 +1,4 @@
-"""Each task head on the demo's real images: trains, exports (shared and folded) and serves what the trainer measured."""
+"""Each task head on the demo's real images: trains, exports (shared, folded), serves what the trainer measured."""
 from __future__ import annotations
 
 import json
@@ -34,8 +34,10 @@ def trained(tiny_checkpoint, tmp_path_factory):
     from rmt_deploy.export import ExportConfig, export_bundle
 
     root = tmp_path_factory.mktemp("heads")
-    tasks = [build_textures(root / "textures", SHOTS, TEST_PER_CLASS), build_digits(root / "digits", SHOTS, TEST_PER_CLASS)]
-    results = {(t.name, h): _train(t, tiny_checkpoint, root / "runs" / f"{t.name}-{h}", h) for t in tasks for h in HEADS}
+    tasks = [build_textures(root / "textures", SHOTS, TEST_PER_CLASS),
+             build_digits(root / "digits", SHOTS, TEST_PER_CLASS)]
+    results = {(t.name, h): _train(t, tiny_checkpoint, root / "runs" / f"{t.name}-{h}", h)
+               for t in tasks for h in HEADS}
     report = export_bundle(ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), [r.taskpack for r in results.values()],
                                         root / "bundle", mode="both"), progress=False)
     return {"tasks": {t.name: t for t in tasks}, "results": results, "report": report, "bundle": root / "bundle"}
@@ -118,3 +120,27 @@ def test_train_refuses_an_unknown_head_in_one_line(tmp_path, capsys):
     assert info.value.code == 1 and "Traceback" not in err
     assert err.strip().endswith("head 'tip' is not one of zeroshot, coop, tip-adapter, tip-adapter-f: choose one "
                                 "with --head") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("task_name", ["textures", "digits"])
+def test_eval_scores_a_tip_adapter_task_as_the_trainer_did(trained, tiny_checkpoint, task_name):
+    from rmt_deploy.training.evaluation import EvalConfig, evaluate_taskpack
+
+    result, task = trained["results"][(task_name, "tip-adapter")], trained["tasks"][task_name]
+    scored = evaluate_taskpack(EvalConfig(result.taskpack, "imagefolder", task.root, str(tiny_checkpoint),
+                                          device="cpu", workers=0))
+    assert scored.accuracy == result.metrics["test_accuracy"]
+    baseline = evaluate_taskpack(EvalConfig(result.taskpack, "imagefolder", task.root, str(tiny_checkpoint),
+                                            device="cpu", workers=0, zero_shot=True))
+    assert baseline.accuracy == result.metrics["zero_shot_test_accuracy"]
+
+
+def test_tip_adapter_f_fine_tunes_the_keys(trained, tiny_checkpoint, tmp_path):
+    from rmt_deploy.taskpack import TaskPack
+
+    task = trained["tasks"]["textures"]
+    tuned = TaskPack.load(_train(task, tiny_checkpoint, tmp_path, "tip-adapter-f").taskpack)
+    plain = TaskPack.load(trained["results"][("textures", "tip-adapter")].taskpack)
+    assert tuned.head_kind == "tip-adapter-f" and tuned.cache.keys.shape == plain.cache.keys.shape
+    np.testing.assert_array_equal(tuned.cache.labels, plain.cache.labels)
+    assert not np.array_equal(tuned.cache.keys, plain.cache.keys)  # same masks and views; the keys moved
