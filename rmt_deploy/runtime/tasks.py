@@ -9,7 +9,7 @@ numpy only.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
 from rmt_deploy.fingerprint import short
+from rmt_deploy.heads import ZEROSHOT, Cache, HeadMath, head_nbytes
 from rmt_deploy.integrity import FileRecord
 from rmt_deploy.masks import decode_zero_indices, encode_mask, mask_stats
 from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
@@ -24,17 +25,33 @@ from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
 
 @dataclass(frozen=True)
 class TaskHead:
-    """What a task adds on top of the shared embedding: class names, head, logit scale."""
+    """What a task adds on top of the shared embedding: class names, head of its kind, logit scale."""
 
     name: str
     class_names: tuple[str, ...]
-    head: np.ndarray  # float32 [C, D], L2-normalised rows
+    head: np.ndarray  # float32 [C, D], L2-normalised rows: class prompts' (or CoOp prompts') text features
     logit_scale: float
+    kind: str = ZEROSHOT  # rmt_deploy.heads.HEAD_KINDS
+    cache: Cache | None = None  # tip-adapter kinds
+    _math: HeadMath = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_math", HeadMath(self.head, self.logit_scale, self.cache))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the head as stored (text features plus any cache)."""
+        return head_nbytes(self.head, self.cache)
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        out = embeddings.astype(np.float32, copy=False) @ self.head.T
-        out *= np.float32(self.logit_scale)
-        return out
+        """float32 [N, C] from the shared L2-normalised embeddings [N, D] (rmt_deploy.heads)."""
+        return self._math.logits(embeddings)
+
+
+def head_of(name: str, class_names: tuple[str, ...], head: np.ndarray, logit_scale: float,
+            kind: str = ZEROSHOT, cache: Cache | None = None) -> TaskHead:
+    """The serving head of a task, built from its pack's head kind."""
+    return TaskHead(name, tuple(class_names), head, float(logit_scale), kind, cache)
 
 
 @dataclass(frozen=True)
@@ -46,8 +63,8 @@ class CompactTask:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the encoded masks and the head's tensors."""
-        return sum(len(b) for b in self.blobs.values()) + self.head.head.nbytes
+        """Bytes held: the encoded masks and the head's tensors (a Tip-Adapter cache included)."""
+        return sum(len(b) for b in self.blobs.values()) + self.head.nbytes
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,8 @@ def read_compact(source: str | os.PathLike | TaskPack, fingerprint: str,
     the base's. Masks stay encoded."""
     if isinstance(source, TaskPack):
         source.check_base(fingerprint)
-        head = TaskHead(source.name, tuple(source.class_names), source.head, float(source.logit_scale))
+        head = head_of(source.name, tuple(source.class_names), source.head, source.logit_scale,
+                       source.head_kind, source.cache)
         where = f"task pack {source.name!r}"
         _check_activation(where, source.quick_gelu, quick_gelu)
         _check_layout(where, head, {n: tuple(m.shape) for n, m in source.masks.items()}, shapes, embed_dim)
@@ -134,8 +152,8 @@ def _read_file(path: Path, fingerprint: str, shapes: Mapping[str, tuple[int, ...
             f"({meta.get('model_name')}), not on this bundle's base {short(fingerprint)}: "
             "retrain the task on this base or load the bundle it was trained on"
         )
-    head = TaskHead(check_task_name(encoded.name), tuple(meta["class_names"]), encoded.head,
-                    float(meta["logit_scale"]))
+    head = head_of(check_task_name(encoded.name), tuple(meta["class_names"]), encoded.head,
+                   float(meta["logit_scale"]), encoded.head_kind, encoded.cache)
     _check_activation(f"task '{encoded.name}' ({path})", bool(meta.get("quick_gelu", False)), quick_gelu)
     _check_layout(str(path), head, encoded.mask_shapes, shapes, embed_dim)  # before anything is decoded
     return CompactTask(head, encoded.blobs)
@@ -160,6 +178,9 @@ def _check_layout(where: str, head: TaskHead, mask_shapes: Mapping[str, tuple[in
     if head.head.ndim != 2 or head.head.shape != (len(head.class_names), embed_dim):
         raise ArtifactError(f"{where}: head shape {head.head.shape} is not "
                             f"[{len(head.class_names)} classes, {embed_dim}]")
+    if head.cache is not None and head.cache.keys.shape[1] != embed_dim:
+        raise ArtifactError(f"{where}: tip-adapter cache keys are {list(head.cache.keys.shape)}, not "
+                            f"[keys, {embed_dim}]: rebuild the cache on this base")
     for name, shape in mask_shapes.items():
         if tuple(shape) != tuple(shapes[name]):
             raise IncompatibleBaseError(f"{where}: mask {name!r} has shape {list(shape)}, this bundle's "
