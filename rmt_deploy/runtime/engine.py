@@ -38,7 +38,8 @@ __all__ = ["Engine", "Prediction"]
 
 @dataclass(frozen=True)
 class Prediction:
-    """Per-image results of one task: logits and probabilities [N, C], top-1 indices and labels."""
+    """Per-image results of one task: logits and probabilities [N, C], top-1 indices and labels, and the
+    L2-normalised image embeddings [N, D] under the task's weights."""
 
     task: str
     logits: np.ndarray
@@ -46,6 +47,7 @@ class Prediction:
     indices: np.ndarray
     labels: list[str]
     class_names: tuple[str, ...]
+    embeddings: np.ndarray | None = None
 
     def top_k(self, k: int = 5) -> list[list[tuple[str, float]]]:
         """For each image, the k most probable (class name, probability) pairs."""
@@ -284,7 +286,7 @@ class Engine:
         probs = _softmax(logits.copy())
         indices = logits.argmax(axis=1)
         labels = [head.class_names[i] for i in indices]
-        return Prediction(head.name, logits, probs, indices, labels, head.class_names)
+        return Prediction(head.name, logits, probs, indices, labels, head.class_names, embeddings)
 
     def embed(self, batch: np.ndarray, task: str) -> np.ndarray:
         """L2-normalised image embeddings of a preprocessed batch under one task's weights
