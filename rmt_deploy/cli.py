@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "rmt_deploy.training.cli:evaluate",
     "export": "rmt_deploy.export.cli:export",
     "inspect": "rmt_deploy.inspect_task:inspect",
+    "bundle": "rmt_deploy.bundle_cli:bundle",
     "predict": "rmt_deploy.runtime.cli:predict",
     "serve": "rmt_deploy.serving.cli:serve",
     "bench": "rmt_deploy.bench.cli:bench",

@@ -9,6 +9,7 @@ import click
 
 from rmt_deploy.errors import ArtifactError, InputError
 from rmt_deploy.fingerprint import short
+from rmt_deploy.heads import head_nbytes
 from rmt_deploy.masks import entropy_bound_for, mask_stats
 from rmt_deploy.taskpack import read_encoded
 
@@ -40,6 +41,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "model": meta["model_name"],
         "fingerprint": encoded.base_fingerprint,
         "logit_scale": float(meta["logit_scale"]),
+        "format_version": meta["version"],
+        "head": _head(encoded),
         "sparsity": sum(t["zeros"] for t in tensors) / masked if masked else 0.0,
         "masked_weights": masked,
         "stored_bytes": sum(t["stored_bytes"] for t in tensors),
@@ -52,6 +55,26 @@ def summarize(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _head(encoded: Any) -> dict[str, Any]:
+    """The head's kind, shape and bytes (text features, and Tip-Adapter's cache)."""
+    head = {"kind": encoded.head_kind, "text_shape": list(encoded.head.shape), "text_bytes": int(encoded.head.nbytes),
+            "bytes": head_nbytes(encoded.head, encoded.cache)}
+    cache = encoded.cache
+    if cache is not None:
+        head.update(alpha=cache.alpha, beta=cache.beta, cache_keys=int(cache.labels.size),
+                    cache_keys_dtype=str(cache.keys.dtype), cache_bytes=cache.nbytes)
+    return head
+
+
+def _head_line(head: dict[str, Any]) -> str:
+    line = (f"head         {head['kind']}: text {'x'.join(map(str, head['text_shape']))} float32 "
+            f"({head['text_bytes']:,} bytes)")
+    if "cache_keys" in head:
+        line += (f" + cache {head['cache_keys']} keys {head['cache_keys_dtype']} with labels "
+                 f"({head['cache_bytes']:,} bytes), alpha {head['alpha']:.4g}, beta {head['beta']:.4g}")
+    return line + f"; {head['bytes']:,} bytes in all"
+
+
 def _format(summary: dict[str, Any]) -> str:
     classes = summary["classes"]
     shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} total)" if len(classes) > 8 else "")
@@ -59,7 +82,8 @@ def _format(summary: dict[str, Any]) -> str:
         f"task         {summary['task']}",
         f"classes      {len(classes)}: {shown}",
         f"model        {summary['model']}  base {short(summary['fingerprint'])}",
-        f"file         {summary['file_bytes']:,} bytes",
+        f"file         {summary['file_bytes']:,} bytes (format version {summary['format_version']})",
+        _head_line(summary["head"]),
         f"masks        {summary['masked_weights']:,} weights, {100 * summary['sparsity']:.2f}% zeros",
         f"mask bytes   stored {summary['stored_bytes']:,} | entropy bound "
         f"{summary['entropy_bound_bytes']:,.0f} | bit-packed {summary['packbits_bytes']:,}",

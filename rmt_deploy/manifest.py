@@ -201,8 +201,8 @@ class Manifest:
     """Everything the runtime needs to know about a bundle, stored as manifest.json.
 
     `output_kind` "embedding": base.onnx returns L2-normalised image embeddings (output
-    `output_name`), and logits = logit_scale * embedding @ head.T per task. `files` maps
-    backend ("onnx", "tensorrt") -> {"base": path, "folded": {task: path}}. `tensorrt` holds
+    `output_name`), and each task's head (rmt_deploy.heads, by its kind) turns them into
+    logits. `files` maps backend ("onnx", "tensorrt") -> {"base": path, "folded": {task: path}}. `tensorrt` holds
     engine metadata (GPU, TensorRT version, refit map). `base_weights` is the safetensors file of
     the masked tensors' base values. `checksums` records every file of the bundle (path ->
     size, sha256); each reader checks the files it uses against it.

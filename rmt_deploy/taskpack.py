@@ -1,8 +1,13 @@
 """TaskPack: one task in one safetensors file (<task>.rmtask).
 
 Tensors: `head` float32 [C, D] and one uint8 payload per masked tensor
-(`mask/<tensor name>`, encoded by rmt_deploy.masks). Metadata: one JSON string
+(`mask/<tensor name>`, encoded by rmt_deploy.masks); a Tip-Adapter head adds
+`cache/keys` float16 [K, D] and `cache/labels` int64 [K]. Metadata: one JSON string
 under the header key `rmt_deploy`. Loading never unpickles.
+
+Version 1: the zero-shot text head only (what rmt-deploy wrote before task heads had kinds).
+Version 2 adds `head` metadata {kind, and for a cache: alpha, beta}. A zeroshot pack is still
+written as version 1, so runtimes that predate head kinds keep reading it; both versions load.
 """
 from __future__ import annotations
 
@@ -20,18 +25,23 @@ import numpy as np
 
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError, check_format
 from rmt_deploy.fingerprint import short
+from rmt_deploy.heads import (CACHE_KINDS, ZEROSHOT, Cache, check_alpha_beta, check_cache_layout, check_kind,
+                              check_labels)
 from rmt_deploy.integrity import FileRecord, read_verified
 from rmt_deploy.masks import MAX_SIZE as MAX_MASK_ELEMENTS
 from rmt_deploy.masks import decode_mask, encode_mask
 from rmt_deploy.safetensors_header import load_bytes
 
 FORMAT_TAG = "rmt-deploy.taskpack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code writes and reads
+VERSIONS = (1, 2)
 SUFFIX = ".rmtask"
 METADATA_KEY = "rmt_deploy"
 CHECKSUM_KEY = "rmt_deploy_sha256"
 HEAD_KEY = "head"
 MASK_PREFIX = "mask/"
+CACHE_KEYS_KEY = "cache/keys"
+CACHE_LABELS_KEY = "cache/labels"
 MAX_TASK_FILE_BYTES = 1 << 30
 _REQUIRED_META = ("name", "class_names", "base_fingerprint", "model_name", "logit_scale", "masked_tensors")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -62,6 +72,8 @@ class TaskPack:
     metrics: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     quick_gelu: bool = False  # the base's activation: QuickGELU (OpenAI CLIP weights) or GELU
+    head_kind: str = ZEROSHOT  # see rmt_deploy.heads: zeroshot, coop, tip-adapter, tip-adapter-f
+    cache: Cache | None = None  # Tip-Adapter's cache model (tip-adapter kinds only)
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
@@ -75,6 +87,13 @@ class TaskPack:
         for tensor_name, keep in self.masks.items():
             if not isinstance(keep, np.ndarray) or keep.dtype != np.bool_:
                 raise InputError(f"mask for {tensor_name!r} must be a bool numpy array")
+        check_kind(self.head_kind)
+        if (self.cache is not None) != (self.head_kind in CACHE_KINDS):
+            raise InputError(f"head {self.head_kind!r} {'needs' if self.cache is None else 'takes no'} "
+                             "tip-adapter cache: pass one exactly for the tip-adapter heads")
+        if self.cache is not None:
+            self.cache = Cache.build(self.cache.keys, self.cache.labels, self.cache.alpha, self.cache.beta,
+                                     len(self.class_names), self.head.shape[1])
 
     @property
     def sparsity(self) -> float:
@@ -92,11 +111,25 @@ class TaskPack:
                 "retrain the task on this base or load the base it was trained on"
             )
 
+    @property
+    def version(self) -> int:
+        """The format version this pack is written as: 1 for a zeroshot head, else 2."""
+        return 1 if self.head_kind == ZEROSHOT else FORMAT_VERSION
+
+    def head_metadata(self) -> dict[str, Any]:
+        """The `head` entry of a version-2 header."""
+        entry: dict[str, Any] = {"kind": self.head_kind}
+        if self.cache is not None:
+            entry.update(alpha=self.cache.alpha, beta=self.cache.beta, cache_keys=int(self.cache.labels.size))
+        return entry
+
     def metadata(self) -> dict[str, Any]:
         """The JSON-able header describing this pack."""
+        extra = {"head": self.head_metadata()} if self.version >= 2 else {}
         return {
             "format": FORMAT_TAG,
-            "version": FORMAT_VERSION,
+            "version": self.version,
+            **extra,
             "name": self.name,
             "class_names": self.class_names,
             "template": self.template,
@@ -119,6 +152,9 @@ class TaskPack:
 
         path = Path(path)
         tensors = {HEAD_KEY: self.head}
+        if self.cache is not None:
+            tensors[CACHE_KEYS_KEY] = self.cache.keys
+            tensors[CACHE_LABELS_KEY] = self.cache.labels
         for tensor_name, keep in self.masks.items():
             tensors[MASK_PREFIX + tensor_name] = np.frombuffer(encode_mask(keep), dtype=np.uint8)
         meta_json = json.dumps(self.metadata())
@@ -175,6 +211,8 @@ class EncodedTask:
     head: np.ndarray
     blobs: dict[str, bytes]
     nbytes: int = 0
+    head_kind: str = ZEROSHOT
+    cache: Cache | None = None
 
     @property
     def name(self) -> str:
@@ -200,13 +238,18 @@ def read_encoded(path: str | os.PathLike, record: FileRecord | None = None,
         raise ArtifactError(f"{path}: no such task file")
     data = read_verified(path, record, MAX_TASK_FILE_BYTES)
     meta, tensors = _read_container(path, data)
-    check_format(meta, FORMAT_TAG, FORMAT_VERSION, str(path), "upgrade rmt-deploy")
+    version = meta.get("version")
+    readable = type(version) is int and version in VERSIONS
+    check_format(meta, FORMAT_TAG, version if readable else FORMAT_VERSION, str(path), "upgrade rmt-deploy")
     _check_meta(meta, path)
+    kind = _head_kind(meta, path)
     if expected_name is not None and meta["name"] != expected_name:
         raise ArtifactError(f"{path}: the file holds task {meta['name']!r}, but the bundle lists it as "
                             f"{expected_name!r}; rebuild the bundle with `rmt-deploy export`")
     names = [entry["name"] for entry in meta["masked_tensors"]]
     expected = {HEAD_KEY} | {MASK_PREFIX + name for name in names}
+    if kind in CACHE_KINDS:
+        expected |= {CACHE_KEYS_KEY, CACHE_LABELS_KEY}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ArtifactError(f"{path}: tensors do not match the metadata (missing {missing[:3]}, "
@@ -217,8 +260,37 @@ def read_encoded(path: str | os.PathLike, record: FileRecord | None = None,
                             f"[{len(meta['class_names'])} classes, dim]")
     if not np.isfinite(head).all():
         raise ArtifactError(f"{path}: head holds NaN or Inf values")
+    cache = _read_cache(meta, tensors, path) if kind in CACHE_KINDS else None
     blobs = {name: tensors[MASK_PREFIX + name].tobytes() for name in names}
-    return EncodedTask(path, meta, np.array(head), blobs, len(data))
+    return EncodedTask(path, meta, np.array(head), blobs, len(data), kind, cache)
+
+
+def _head_kind(meta: dict[str, Any], path: Path) -> str:
+    """Version 1: zeroshot. Version 2: the `head` entry's kind, checked."""
+    if meta["version"] == 1:
+        return ZEROSHOT
+    head = meta.get("head")
+    if not isinstance(head, dict):
+        raise ArtifactError(f"{path}: version-2 task file has no `head` entry: rewrite it with rmt-deploy train")
+    try:
+        return check_kind(head.get("kind"))
+    except InputError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+
+
+def _read_cache(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: Path) -> Cache:
+    """The Tip-Adapter cache, its layout checked against the class count and head before any copy."""
+    keys, labels = tensors[CACHE_KEYS_KEY], tensors[CACHE_LABELS_KEY]
+    classes, dim = len(meta["class_names"]), tensors[HEAD_KEY].shape[1]
+    try:
+        check_alpha_beta(meta["head"].get("alpha"), meta["head"].get("beta"))
+        check_cache_layout(keys.shape, keys.dtype, labels.shape, labels.dtype, classes, dim)
+        if keys.dtype != np.float16:
+            raise InputError(f"tip-adapter cache keys are {keys.dtype}, not float16: rebuild the cache")
+        check_labels(labels, classes)
+        return Cache.build(keys, labels, meta["head"]["alpha"], meta["head"]["beta"], classes, dim)
+    except InputError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
 
 
 def _check_meta(meta: dict[str, Any], path: Path) -> None:
@@ -304,6 +376,8 @@ def _load(path: Path, record: FileRecord | None, expected_name: str | None) -> T
             metrics=dict(meta.get("metrics", {})),
             hyperparameters=dict(meta.get("hyperparameters", {})),
             quick_gelu=bool(meta.get("quick_gelu", False)),
+            head_kind=encoded.head_kind,
+            cache=encoded.cache,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path}: task file is incomplete or malformed ({type(exc).__name__}: {exc})") from None

@@ -6,7 +6,8 @@
     python benchmarks/paper/run.py --data-root ~/data --out runs/paper --table-only
 
 Defaults: ViT-B-16 'openai' (QuickGELU, as the weights were trained), shots
-1, 2, 4, 8, 16 x seeds 1, 2, 3 x the 11 CoOp datasets; lr, epochs and lambda
+1, 2, 4, 8, 16 x seeds 1, 2, 3 x the 11 CoOp datasets, and R-AMT combined with
+CoOp and with Tip-Adapter at 16 shots (`--heads`); lr, epochs and lambda
 per dataset from rmt_deploy.training.recipe (the same values `rmt-deploy
 train` uses). The plan (plan.py) is resumable: finished cells are skipped and
 interrupted training resumes from its last epoch checkpoint. Under torchrun
@@ -50,6 +51,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--domain-variants", nargs="+", default=list(planning.DOMAIN_VARIANTS),
                         choices=planning.DOMAIN_VARIANTS, metavar="VARIANT")
     parser.add_argument("--domain-shots", type=int, default=planning.DOMAIN_SHOTS)
+    parser.add_argument("--heads", nargs="+", default=list(planning.COMBINED_HEADS),
+                        choices=["coop", "tip-adapter", "tip-adapter-f"],
+                        help="combined cells: the heads trained with the masks")
+    parser.add_argument("--combined-shots", type=int, default=planning.COMBINED_SHOTS)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe (30; ImageNet 10)")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe (8e-5; ImageNet 3e-5)")
     parser.add_argument("--gdr-lambda", type=float, default=None, help="override the per-dataset lambda")
@@ -79,7 +84,7 @@ class Sweep:
                 continue
             self.say(f"{cell.label()}: running")
             self.train(cell)
-            if cell.protocol != "few_shot":
+            if cell.protocol not in ("few_shot", "combined"):
                 self.on_rank0(lambda: self.evaluate(cell))
             self.say(f"{cell.label()}: finished")
 
@@ -97,7 +102,7 @@ class Sweep:
             model=a.model, pretrained=a.pretrained, dataset=cell.dataset, data_root=a.data_root, out=str(folder),
             shots=cell.shots, seed=cell.seed, epochs=a.epochs, lr=a.lr, gdr_lambda=a.gdr_lambda,
             batch_size=a.batch_size, precision=a.precision, device=a.device, workers=a.workers,
-            subsample="base" if cell.protocol == "base_to_new" else "all", progress=False,
+            subsample="base" if cell.protocol == "base_to_new" else "all", progress=False, head=cell.head,
             resume=any((folder / "checkpoints").glob("epoch_*.pt")))
         m = train_task(cfg, base=self.base).metrics
         if m:  # rank 0
@@ -143,6 +148,8 @@ def summarise(args: argparse.Namespace) -> dict:
         summary["base_to_new"] = table.base_to_new(out, args.datasets, args.shots, args.seeds)
     if "domain" in args.protocols:
         summary["domain"] = table.domain(out, args.domain_variants, args.domain_shots, args.seeds)
+    if "combined" in args.protocols:
+        summary["combined"] = table.combined(out, args.datasets, args.heads, args.combined_shots, args.seeds)
     return summary
 
 
@@ -162,7 +169,7 @@ def write_reports(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     cells = planning.plan(args.protocols, args.datasets, args.shots, args.seeds, args.domain_variants,
-                          args.domain_shots)
+                          args.domain_shots, args.heads, args.combined_shots)
     if args.dry_run:
         for cell in cells:
             print(f"{cell.label()}: {'done' if cell.done(Path(args.out)) else 'to run'}")

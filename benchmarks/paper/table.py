@@ -6,7 +6,8 @@ import statistics
 from pathlib import Path
 
 from plan import METRICS, NEW, Cell
-from published import PUBLISHED_16_SHOT, PUBLISHED_RMT_AVERAGE_BY_SHOTS
+from published import (METHOD_ALONE_COLUMN, PUBLISHED_16_SHOT, PUBLISHED_AVERAGE, PUBLISHED_COMBINED_AVERAGE,
+                       PUBLISHED_RMT_AVERAGE_BY_SHOTS)
 
 
 def _stats(values: list[float]) -> dict:
@@ -84,6 +85,36 @@ def domain(out: Path, variants: list[str], shots: int, seeds: list[int]) -> dict
     return rows
 
 
+def combined(out: Path, datasets: list[str], heads: list[str], shots: int, seeds: list[int]) -> dict:
+    """Per head and dataset: R-AMT + that head (%), the method alone (paper), R-AMT alone (ours, same shots);
+    the average beside the published combined average (comparable only with all 11 datasets)."""
+    summary = {}
+    for head in heads:
+        rows = {}
+        for dataset in datasets:
+            runs = [m for s in seeds if (m := _read(Cell("combined", dataset, shots, s, head=head).train_dir(out)
+                                                    / METRICS))]
+            alone = [m for s in seeds if (m := _read(Cell("few_shot", dataset, shots, s).train_dir(out) / METRICS))]
+            paper = PUBLISHED_16_SHOT.get(dataset)
+            column = METHOD_ALONE_COLUMN.get(head)
+            rows[dataset] = {"name": paper[0] if paper else dataset,
+                             "combined": _stats([100 * m["test_accuracy"] for m in runs]),
+                             "rmt": _stats([100 * m["test_accuracy"] for m in alone]),
+                             "method_paper": paper[column] if paper and column and shots == 16 else None}
+        done = [r for r in rows.values() if r["combined"]["mean"] is not None]
+        alone = [r["rmt"]["mean"] for r in done if r["rmt"]["mean"] is not None]
+        all_eleven = len(done) == len(PUBLISHED_16_SHOT) and shots == 16
+        average = {"datasets": len(done),
+                   "combined": statistics.mean(r["combined"]["mean"] for r in done) if done else None,
+                   "rmt": statistics.mean(alone) if alone and len(alone) == len(done) else None,
+                   "combined_paper": PUBLISHED_COMBINED_AVERAGE.get(head) if all_eleven else None,
+                   "rmt_paper": PUBLISHED_AVERAGE["rmt"] if all_eleven else None}
+        average["delta"] = (average["combined"] - average["combined_paper"]
+                            if average["combined_paper"] is not None else None)
+        summary[head] = {"datasets": rows, "average": average}
+    return summary
+
+
 def _cell(stats: dict | float | None, std: bool = True) -> str:
     if isinstance(stats, dict):
         if stats["mean"] is None:
@@ -119,6 +150,16 @@ def markdown(summary: dict, seeds: list[int]) -> str:
                          f"{_cell(r['hm'])} | {_cell(r['zero_shot_base'], False)} | "
                          f"{_cell(r['zero_shot_new'], False)} | {_cell(r['zero_shot_hm'])} |")
         lines.append("")
+    for head, table in summary.get("combined", {}).items():
+        lines += [f"## R-AMT + {head} head (published: the 16-shot average over the 11 datasets only)", "",
+                  f"| dataset | seeds | {head} alone (paper) | R-AMT alone (ours) | R-AMT + {head} (ours) |",
+                  "|---|---|---|---|---|"]
+        for row in table["datasets"].values():
+            lines.append(f"| {row['name']} | {row['combined']['seeds']} | {_cell(row['method_paper'])} | "
+                         f"{_cell(row['rmt'])} | {_cell(row['combined'])} |")
+        a = table["average"]
+        lines += [f"| average ({a['datasets']} datasets) | | | {_cell(a['rmt'])} (paper {_cell(a['rmt_paper'])}) | "
+                  f"{_cell(a['combined'])} (paper {_cell(a['combined_paper'])}, delta {_signed(a['delta'])}) |", ""]
     if "domain" in summary:
         lines += ["## Domain generalisation (train ImageNet, evaluate its variants)", "",
                   "| target | seeds | R-AMT | zero-shot | delta |", "|---|---|---|---|---|"]

@@ -39,7 +39,8 @@ def format_table(results: dict[str, Any]) -> str:
     for task, entry in disk["tasks"].items():
         folded = entry.get("folded_bytes")
         extra = f" | folded {folded:,} B ({folded / entry['rmtask_bytes']:.0f}x)" if folded else ""
-        lines.append(f"  {task}: .rmtask {entry['rmtask_bytes']:,} B{extra}")
+        head = f" | {entry['head_kind']} head {entry['head_bytes']:,} B" if "head_kind" in entry else ""
+        lines.append(f"  {task}: .rmtask {entry['rmtask_bytes']:,} B{head}{extra}")
     return "\n".join(lines)
 
 

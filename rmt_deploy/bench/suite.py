@@ -22,6 +22,7 @@ from rmt_deploy.bench.sessions import folded_session
 from rmt_deploy.bench.timing import interleaved, summarize_ms, time_call
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import InputError, InternalError
+from rmt_deploy.heads import head_nbytes
 
 SCHEMA_ID = "rmt-deploy.bench/1"
 
@@ -77,7 +78,9 @@ def _disk(bundle: Bundle, tasks: list[str]) -> dict[str, Any]:
     folded = files.get("folded", {})
     per_task = {}
     for task in tasks:
-        entry = {"rmtask_bytes": bundle.task_path(task).stat().st_size}
+        encoded = bundle.read_task(task)
+        entry = {"rmtask_bytes": bundle.task_path(task).stat().st_size, "head_kind": encoded.head_kind,
+                 "head_bytes": head_nbytes(encoded.head, encoded.cache)}
         if task in folded:
             entry["folded_bytes"] = (bundle.root / folded[task]).stat().st_size
         per_task[task] = entry

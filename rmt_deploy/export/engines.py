@@ -106,7 +106,7 @@ def _check_shared(trt: Any, engine: bytes, refit: Mapping[str, rt.RefitEntry], p
             continue
         runner.refit(task_weights(refit, base_values, pack))
         embedding = runner.run({graphs.IMAGE_INPUT: images}, graphs.EMBEDDING_OUTPUT)
-        test = verify.logits(embedding, pack.head, pack.logit_scale)
+        test = verify.logits(embedding, pack)
         checks.append(verify.compare(pack.name, "tensorrt-shared", references[pack.name], test, tolerance))
     return checks
 
@@ -117,5 +117,5 @@ def _references(visual: Any, packs: list[TaskPack], base_values: Mapping[str, np
     for pack in packs:
         masked = {n: np.asarray(w, dtype=np.float32) * pack.masks[n] for n, w in base_values.items()}
         embedding = verify.torch_embeddings(visual, masked, images)
-        references[pack.name] = verify.logits(embedding, pack.head, pack.logit_scale)
+        references[pack.name] = verify.logits(embedding, pack)
     return references

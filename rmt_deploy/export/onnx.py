@@ -4,7 +4,8 @@ The shared graph is traced once with the dynamo exporter from a wrapper whose
 forward takes the masked weights as extra inputs (torch.func.functional_call),
 so ORT's constant folding can never reach them. A folded model is the same
 graph with those inputs turned into initializers (W * M) and the task's head
-appended, built by graph surgery instead of a second trace.
+appended (rmt_deploy.heads: the text head, plus Tip-Adapter's cache for those
+kinds), built by graph surgery instead of a second trace.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from rmt_deploy.errors import InternalError, require
+from rmt_deploy.heads import Cache
 
 IMAGE_INPUT = "image"
 EMBEDDING_OUTPUT = "embedding"
@@ -127,11 +129,12 @@ def set_defaults(model: Any, base_values: Mapping[str, np.ndarray]) -> None:
 
 
 def fold_task(shared_path: Path, masked_values: Mapping[str, np.ndarray], head: np.ndarray,
-              logit_scale: float) -> Any:
+              logit_scale: float, cache: Cache | None = None) -> Any:
     """A folded model from the shared graph: masked inputs become initializers W*M, head appended.
 
     `masked_values` maps graph input name -> masked weight in the input's dtype. Output `logits`
-    float32 [batch, classes] = logit_scale * embedding @ head.T, the runtime's formula.
+    float32 [batch, classes] = logit_scale * embedding @ head.T (+ alpha * exp(beta * (embedding @
+    keys.T - 1)) @ onehot(labels) with a Tip-Adapter cache), the runtime's formula.
     """
     ir = require("onnx_ir", "train")
     model = ir.load(shared_path)
@@ -147,17 +150,44 @@ def fold_task(shared_path: Path, masked_values: Mapping[str, np.ndarray], head: 
         if name not in graph.initializers:
             graph.register_initializer(value)
     embedding = graph.outputs[0]
+    batch = embedding.shape[0] if embedding.shape is not None else BATCH_DIM
     head_t = _constant(graph, "task_head_t", np.ascontiguousarray(head.T, dtype=np.float32))
     scale = _constant(graph, "task_logit_scale", np.asarray(logit_scale, dtype=np.float32))
-    float32 = ir.TensorType(ir.DataType.FLOAT)
-    batch = embedding.shape[0] if embedding.shape is not None else BATCH_DIM
-    cosine = ir.Value(name="task_cosine", type=float32, shape=ir.Shape([batch, head.shape[0]]))
-    logits = ir.Value(name=LOGITS_OUTPUT, type=float32, shape=ir.Shape([batch, head.shape[0]]))
-    graph.append(ir.Node("", "MatMul", [embedding, head_t], outputs=[cosine]))
-    graph.append(ir.Node("", "Mul", [cosine, scale], outputs=[logits]))
+    classes = head.shape[0]
+    cosine = _node(graph, "MatMul", [embedding, head_t], "task_cosine", [batch, classes])
+    if cache is None:
+        logits = _node(graph, "Mul", [cosine, scale], LOGITS_OUTPUT, [batch, classes])
+    else:
+        text_logits = _node(graph, "Mul", [cosine, scale], "task_text_logits", [batch, classes])
+        logits = _node(graph, "Add", [text_logits, _cache_logits(graph, embedding, batch, cache, classes)],
+                       LOGITS_OUTPUT, [batch, classes])
     graph.outputs.clear()
     graph.outputs.append(logits)
     return model
+
+
+def _cache_logits(graph: Any, embedding: Any, batch: Any, cache: Cache, classes: int) -> Any:
+    """alpha * exp(beta * (embedding @ keys.T - 1)) @ onehot(labels), as the runtime computes it."""
+    count = int(cache.labels.size)
+    keys_t = _constant(graph, "task_cache_keys_t", np.ascontiguousarray(cache.keys.astype(np.float32).T))
+    values = _constant(graph, "task_cache_values", cache.values(classes))
+    one = _constant(graph, "task_cache_one", np.asarray(1.0, dtype=np.float32))
+    beta = _constant(graph, "task_cache_beta", np.asarray(cache.beta, dtype=np.float32))
+    alpha = _constant(graph, "task_cache_alpha", np.asarray(cache.alpha, dtype=np.float32))
+    affinity = _node(graph, "MatMul", [embedding, keys_t], "task_cache_affinity", [batch, count])
+    shifted = _node(graph, "Sub", [affinity, one], "task_cache_shifted", [batch, count])
+    scaled = _node(graph, "Mul", [shifted, beta], "task_cache_scaled", [batch, count])
+    weights = _node(graph, "Exp", [scaled], "task_cache_weights", [batch, count])
+    votes = _node(graph, "MatMul", [weights, values], "task_cache_votes", [batch, classes])
+    return _node(graph, "Mul", [votes, alpha], "task_cache_logits", [batch, classes])
+
+
+def _node(graph: Any, op: str, inputs: list, name: str, shape: list) -> Any:
+    """Append one float32 op with a single named output of `shape`; returns the output value."""
+    ir = require("onnx_ir", "train")
+    out = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))
+    graph.append(ir.Node("", op, inputs, outputs=[out]))
+    return out
 
 
 def _constant(graph: Any, name: str, array: np.ndarray) -> Any:

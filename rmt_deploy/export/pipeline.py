@@ -24,6 +24,7 @@ from rmt_deploy.export import onnx as graphs
 from rmt_deploy.export import verify
 from rmt_deploy.export.report import ExportReport, TaskReport
 from rmt_deploy.fingerprint import short
+from rmt_deploy.heads import head_nbytes
 from rmt_deploy.taskpack import SUFFIX, TaskPack
 
 BASE_ONNX = "base.onnx"
@@ -166,7 +167,7 @@ def _write_shared(model: Any, path: Path, base: _Base, config: ExportConfig, sta
 
 def _write_folded(shared_path: Path, pack: TaskPack, base: _Base, stage: Path) -> str:
     masked = {base.names[n]: value * pack.masks[n] for n, value in base.values.items()}
-    model = graphs.fold_task(shared_path, masked, pack.head, pack.logit_scale)
+    model = graphs.fold_task(shared_path, masked, pack.head, pack.logit_scale, pack.cache)
     relative = f"{FOLDED_DIR}/{pack.name}.onnx"
     (stage / FOLDED_DIR).mkdir(exist_ok=True)
     graphs.save_model(model, stage / relative, {FOLDED_TASK_KEY: pack.name})
@@ -186,13 +187,12 @@ def _verify(stage: Path, files: dict[str, Any], base: _Base, config: ExportConfi
     checks = []
     for pack in base.packs:
         masked = {n: w * pack.masks[n] for n, w in base32.items()}
-        reference = verify.logits(verify.torch_embeddings(base.model.visual, masked, images),
-                                  pack.head, pack.logit_scale)
+        reference = verify.logits(verify.torch_embeddings(base.model.visual, masked, images), pack)
         if shared is not None:
             dtype = np.float16 if config.fp16 else np.float32
             feeds = {names[n]: w.astype(dtype) for n, w in masked.items()}
             embedding = shared.run([graphs.EMBEDDING_OUTPUT], {graphs.IMAGE_INPUT: images, **feeds})[0]
-            test = verify.logits(embedding, pack.head, pack.logit_scale)
+            test = verify.logits(embedding, pack)
             checks.append(verify.compare(pack.name, "shared", reference, test, tolerance))
         if pack.name in files.get("folded", {}):
             path = stage / files["folded"][pack.name]
@@ -319,7 +319,7 @@ def _task_reports(sizes: dict[str, int], packs: list[TaskPack], files: dict[str,
         if folded is not None:
             folded_bytes = sum(size for path, size in sizes.items() if path.startswith(folded))
         rmtask = sizes[f"{TASKS_DIR}/{pack.name}{SUFFIX}"]
-        reports.append(TaskReport(pack.name, rmtask, folded_bytes, base + pack.head.nbytes))
+        reports.append(TaskReport(pack.name, rmtask, folded_bytes, base + head_nbytes(pack.head, pack.cache)))
     return reports
 
 

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rmt_deploy import heads
 from rmt_deploy.errors import ArtifactError, require
 from rmt_deploy.export.fp16 import agreement
 
@@ -71,9 +72,9 @@ def torch_embeddings(visual: Any, masked: Mapping[str, np.ndarray], images: np.n
         return torch.nn.functional.normalize(features.float(), dim=-1).numpy()
 
 
-def logits(embeddings: np.ndarray, head: np.ndarray, logit_scale: float) -> np.ndarray:
-    """The runtime's head: logit_scale * embedding @ head.T."""
-    return np.float32(logit_scale) * (embeddings.astype(np.float32) @ head.T)
+def logits(embeddings: np.ndarray, pack: Any) -> np.ndarray:
+    """The runtime's head of a TaskPack's kind (rmt_deploy.heads) over embeddings."""
+    return heads.logits(embeddings, pack.head, pack.logit_scale, pack.cache)
 
 
 def compare(task: str, kind: str, reference: np.ndarray, test: np.ndarray, tolerance: float) -> Check:

@@ -6,26 +6,31 @@
 
 The base runs on a backend (ONNX Runtime, TensorRT or torch); the masked weights come
 from a TaskPool of `cache_tasks` dense buffers, each pinned by a run while it uses it,
-so every prediction sees exactly one task's weights. Logits are computed here in
-numpy from the shared embedding and the task's head. No torch import on this path.
+so every prediction sees exactly one task's weights. Tasks live in a TaskStore: listed
+at load, read and verified at first use, kept encoded (cold) or decoded within
+`warm_bytes` (warm). Logits are computed here in numpy from the shared embedding and
+the task's head. No torch import on this path.
 """
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, Mapping
 
 import numpy as np
 
 from rmt_deploy.bundle import Bundle
-from rmt_deploy.errors import ArtifactError, InputError, UnknownTaskError
+from rmt_deploy.errors import ArtifactError, InputError
 from rmt_deploy.fingerprint import fingerprint_arrays, short
 from rmt_deploy.integrity import REBUILD
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
-from rmt_deploy.runtime.taskpool import BASE, TaskPool, TensorSpec
-from rmt_deploy.runtime.tasks import ServingTask, TaskHead, read_task
+from rmt_deploy.runtime.taskpool import BASE, Lease, TaskPool, TensorSpec, index_array
+from rmt_deploy.masks import decode_zero_indices
+from rmt_deploy.runtime.tasks import CompactTask, LazyZeros, TaskHead, read_compact
+from rmt_deploy.runtime.taskstore import DEFAULT_WARM_BYTES, RESIDENT, TaskStore, check_warm_bytes
 from rmt_deploy.taskpack import TaskPack
 
 __all__ = ["Engine", "Prediction"]
@@ -33,7 +38,8 @@ __all__ = ["Engine", "Prediction"]
 
 @dataclass(frozen=True)
 class Prediction:
-    """Per-image results of one task: logits and probabilities [N, C], top-1 indices and labels."""
+    """Per-image results of one task: logits and probabilities [N, C], top-1 indices and labels, and the
+    L2-normalised image embeddings [N, D] under the task's weights."""
 
     task: str
     logits: np.ndarray
@@ -41,6 +47,7 @@ class Prediction:
     indices: np.ndarray
     labels: list[str]
     class_names: tuple[str, ...]
+    embeddings: np.ndarray | None = None
 
     def top_k(self, k: int = 5) -> list[list[tuple[str, float]]]:
         """For each image, the k most probable (class name, probability) pairs."""
@@ -91,14 +98,18 @@ def _make_pool(bundle: Bundle, impl: Any, cache_tasks: int, threads: int | None)
             for spec in impl.specs:
                 impl.read_base(spec, arrays[spec.key])
 
-    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads)
+    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads, map_base=getattr(impl, "map_base", None))
     if impl.base_file is not None and not bundle.verified:
         try:
-            _check_legacy_base(bundle, impl.specs, pool.base_arrays(), digest[0])
+            _check_legacy_base(bundle, impl.specs, pool.base, digest[0])
         except BaseException:
             pool.close()
             raise
     return pool
+
+
+def _stored_zeros(spec: TensorSpec, shape: tuple[int, ...], blob: bytes) -> np.ndarray:
+    return index_array(spec.stored_indices(decode_zero_indices(blob, shape)[1]))
 
 
 class Engine:
@@ -106,31 +117,37 @@ class Engine:
 
     BASE = BASE  # pseudo-task for `embed`: the unmasked base weights
 
-    def __init__(self, bundle: Bundle, backend: Any, pool: TaskPool):
+    def __init__(self, bundle: Bundle, backend: Any, pool: TaskPool, warm_bytes: int = DEFAULT_WARM_BYTES):
         self._bundle = bundle
         self._backend = backend
         self._pool = pool
-        self._heads: dict[str, TaskHead] = {}
+        self._store = TaskStore(self._decode, warm_bytes)
+        self._shapes = {t.name: tuple(t.shape) for t in bundle.manifest.masked_tensors}
+        self._membership = threading.Lock()  # add_task and remove_task, one at a time
         self._transform = ImageTransform.from_config(bundle.manifest.preprocess)
         self._max_batch = max(1, int(bundle.manifest.max_batch))
-        self._lock = threading.Lock()        # engine state: heads, current task, closed
+        self._lock = threading.Lock()        # engine state: current task, closed
         self._run_lock = threading.Lock()    # serialises runs on non-concurrent backends
         self._task: str | None = None
         self._closed = False
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, task: str | None = None, backend: str = "auto",
-             device: str = "cpu", cache_tasks: int = 2, threads: int | None = None) -> "Engine":
-        """Open a bundle, load its tasks compactly and make `task` (default: the first) current."""
+             device: str = "cpu", cache_tasks: int = 2, threads: int | None = None,
+             warm_bytes: int = DEFAULT_WARM_BYTES) -> "Engine":
+        """Open a bundle, list its tasks (each read and verified at its first use) and make `task`
+        (default: the first) current. `cache_tasks`: dense buffers (resident tasks); `warm_bytes`:
+        budget for decoded tasks kept ready to switch to."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle)
         if task is not None:
             bundle.task_path(task)  # unknown task: fail before the expensive part
+        check_warm_bytes(warm_bytes)
         impl = backends.create(bundle, backend, device, threads)
         pool = None
         try:
             pool = _make_pool(bundle, impl, cache_tasks, threads)
-            engine = cls(bundle, impl, pool)
+            engine = cls(bundle, impl, pool, warm_bytes)
             engine._load_tasks(task)
             return engine
         except BaseException:
@@ -148,8 +165,7 @@ class Engine:
 
     @property
     def tasks(self) -> list[str]:
-        with self._lock:  # add_task may be inserting a head
-            return list(self._heads)
+        return self._store.names
 
     @property
     def task(self) -> str | None:
@@ -170,53 +186,78 @@ class Engine:
         """Tasks whose dense weights are in the pool now, most recently used first."""
         return self._pool.resident()
 
+    @property
+    def store_stats(self) -> dict[str, int]:
+        """Tasks per tier (disk, cold, warm, resident) and the bytes the cold and warm forms hold."""
+        stats = asdict(self._store.stats())
+        stats[RESIDENT] = len(self._pool.resident())
+        return stats
+
+    def tier(self, task: str) -> str:
+        """Where `task` is held now: 'resident', 'warm', 'cold' or 'disk' (listed, not read yet)."""
+        tier = self._store.tier(task)
+        return RESIDENT if self._pool.holds(task) else tier
+
     # ------------------------------------------------------------ tasks
 
     def _load_tasks(self, current: str | None) -> None:
-        """Register the bundle's tasks and switch to `current` (default: the first)."""
-        bundle = self._bundle
-        for name in bundle.tasks:
-            self._register(read_task(bundle.task_path(name), bundle.manifest.fingerprint, self._shapes(),
-                                     bundle.manifest.embed_dim, bundle.record(bundle.task_relative(name)), name))
-        current = current if current is not None else (bundle.tasks[0] if bundle.tasks else None)
+        """List the bundle's tasks (nothing read) and switch to `current` (default: the first)."""
+        for name in self._bundle.tasks:
+            self._store.add(name, partial(self._read_bundle_task, name))
+        current = current if current is not None else (self._bundle.tasks[0] if self._bundle.tasks else None)
         if current is not None:
             self.switch(current)
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        return {t.name: tuple(t.shape) for t in self._bundle.manifest.masked_tensors}
+    def _read_bundle_task(self, name: str) -> CompactTask:
+        bundle, manifest = self._bundle, self._bundle.manifest
+        return read_compact(bundle.task_path(name), manifest.fingerprint, self._shapes, manifest.embed_dim,
+                            bundle.record(bundle.task_relative(name)), name, manifest.quick_gelu)
 
-    def _register(self, task: ServingTask) -> None:
-        name = task.head.name
-        with self._lock:
-            if name in self._heads:
-                raise InputError(f"task {name!r} is already loaded; give the new version another name")
-            zeros = {s.key: s.stored_indices(task.zeros[s.tensor]) for s in self._backend.specs}
-            self._pool.add(name, zeros)
-            self._heads[name] = task.head
+    def _decode(self, task: CompactTask) -> Mapping[str, np.ndarray]:
+        """Zero indices of each masked tensor in the backend's stored layout, decoded as the pool
+        rewrites each tensor (on its worker threads)."""
+        specs = self._backend.specs
+        return LazyZeros(task.blobs, {s.key: partial(_stored_zeros, s, self._shapes[s.tensor]) for s in specs},
+                         {s.key: s.tensor for s in specs})
 
     def add_task(self, source: str | os.PathLike | TaskPack) -> str:
-        """Hot-add a task from a .rmtask path or a TaskPack (fingerprint-checked); returns its name."""
+        """Hot-add a task from a .rmtask path or a TaskPack (verified and fingerprint-checked now);
+        returns its name. It is switched to like any other task."""
         self._check_open()
         manifest = self._bundle.manifest
-        task = read_task(source, manifest.fingerprint, self._shapes(), manifest.embed_dim)
-        self._register(task)
+        task = read_compact(source, manifest.fingerprint, self._shapes, manifest.embed_dim,
+                            quick_gelu=manifest.quick_gelu)
+        with self._membership:
+            self._store.add(task.head.name, lambda: task, task)
         return task.head.name
+
+    def remove_task(self, task: str) -> None:
+        """Hot-remove a task: new requests for it fail at once, runs using it finish first, then its
+        buffer goes back to the pool and its memory is freed."""
+        self._check_open()
+        with self._membership:
+            self._store.remove(task)
+            with self._lock:
+                if self._task == task:
+                    self._task = None
+            while self._pool.evict(task):
+                pass
 
     def _head(self, task: str | None) -> TaskHead:
         name = self._task if task is None else task
         if name is None:
             raise InputError("no task selected: pass task=... or call engine.switch(task) first "
-                             f"(available: {', '.join(self.tasks) or 'none'})")
-        head = self._heads.get(name)
-        if head is None:
-            raise UnknownTaskError(f"task {name!r} not loaded (available: {', '.join(self.tasks) or 'none'})")
-        return head
+                             f"(available: {', '.join(self.tasks[:20]) or 'none'})")
+        return self._store.head(name)
+
+    def _lease(self, task: str) -> Lease:
+        return self._pool.acquire(task, partial(self._store.zeros, task))
 
     def switch(self, task: str) -> None:
         """Make `task` current and its weights resident (a rebind if cached, an in-place rewrite if not)."""
         self._check_open()
         self._head(task)
-        lease = self._pool.acquire(task)
+        lease = self._lease(task)
         try:
             prepare = getattr(self._backend, "prepare", None)
             if prepare is not None:  # device copy or refit now, not on the next predict
@@ -245,7 +286,7 @@ class Engine:
         probs = _softmax(logits.copy())
         indices = logits.argmax(axis=1)
         labels = [head.class_names[i] for i in indices]
-        return Prediction(head.name, logits, probs, indices, labels, head.class_names)
+        return Prediction(head.name, logits, probs, indices, labels, head.class_names, embeddings)
 
     def embed(self, batch: np.ndarray, task: str) -> np.ndarray:
         """L2-normalised image embeddings of a preprocessed batch under one task's weights
@@ -253,7 +294,7 @@ class Engine:
         self._check_open()
         if task != BASE:
             self._head(task)
-        lease = self._pool.acquire(task)
+        lease = self._lease(task)
         try:
             parts = []
             for start in range(0, batch.shape[0], self._max_batch):
@@ -290,5 +331,5 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"task={self._task!r}, tasks={len(self._heads)}"
+        state = "closed" if self._closed else f"task={self._task!r}, tasks={len(self._store)}"
         return f"Engine({self._bundle.root}, backend={self.backend!r}, {state})"

@@ -1,26 +1,32 @@
 """TaskPool: a small LRU of dense masked-weight buffers, rewritten in place on a miss.
 
-Each task is held compactly: per masked tensor, the sorted flat indices of its zeroed
-weights (numpy's native intp) and the base values at those indices (a few
-percent of the weights). No dense base copy is kept: a buffer holding task A becomes
-task B by writing A's saved base values back and zeroing B's indices, which touches a
-few percent of the memory.
+A buffer holding task A becomes task B by writing the base values back at A's zero
+indices and zeroing B's, which touches a few percent of the memory. The base values at
+a resident task's zeros are read from its buffer just before they are zeroed (the
+buffer then holds exactly the base) and kept with the buffer, so evicting it is a
+scatter; nothing per task is kept once it leaves. One pristine copy of the masked
+tensors (a read-only mapping of the bundle's base weights file where the layouts match,
+else one copy in memory) fills new buffers and resets a buffer after a failed rewrite.
 A buffer in use by a caller (leased) is never rewritten, so every run sees exactly one
-task's weights. numpy only.
+task's weights. A rewrite runs outside the pool's lock: hits on other buffers go on
+meanwhile. numpy only.
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 
-from rmt_deploy.errors import InputError, InternalError, UnknownTaskError
+from rmt_deploy.errors import ArtifactError, InputError, InternalError
 
 BASE = "<base>"  # pseudo-task: the unmasked base values
+
+Zeros = Mapping[str, np.ndarray]  # key -> sorted flat indices (stored layout, intp) of the zeroed weights
+NO_ZEROS: Zeros = {}
 
 
 def index_array(idx: np.ndarray) -> np.ndarray:
@@ -59,20 +65,13 @@ class TensorSpec:
 
 
 @dataclass
-class _TaskWeights:
-    zeros: dict[str, np.ndarray]    # key -> sorted flat indices of zeroed weights (index_array)
-    restore: dict[str, np.ndarray]  # key -> base values at those indices
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.zeros.values()) + sum(a.nbytes for a in self.restore.values())
-
-
-@dataclass
 class _Slot:
     index: int
     arrays: dict[str, np.ndarray]
     task: str
+    zeros: Zeros = field(default_factory=dict)  # what is zeroed in `arrays` now
+    restore: dict[str, np.ndarray] = field(default_factory=dict)  # the base values at those zeros
+    ready: bool = True                           # False while a rewrite to `task` is under way
     refs: int = 0
     generation: int = 0
     last_used: int = 0
@@ -97,17 +96,19 @@ class PoolStats:
 
 
 class TaskPool:
-    """LRU pool of `capacity` dense buffers over compactly stored tasks; thread-safe."""
+    """LRU pool of `capacity` dense buffers; tasks come in as zero indices on a miss. Thread-safe."""
 
     def __init__(self, specs: list[TensorSpec], fill_base: Callable[[dict[str, np.ndarray]], object],
-                 capacity: int = 2, workers: int | None = None):
-        """`fill_base(arrays)` writes the base values into the first buffer (key -> empty array)."""
+                 capacity: int = 2, workers: int | None = None,
+                 map_base: Callable[[], Mapping[str, np.ndarray]] | None = None):
+        """`fill_base(arrays)` writes the base values into the first buffer (key -> empty array).
+        `map_base()`, when given, returns read-only arrays of the same values (a file mapping) to keep
+        as the pristine base; it is compared with what `fill_base` wrote. Without it, one copy is kept."""
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise InputError(f"cache_tasks={capacity!r} must be an integer >= 1")
         self.specs = {s.key: s for s in specs}
         self.capacity = capacity
         self.stats = PoolStats()
-        self._tasks: dict[str, _TaskWeights] = {BASE: _TaskWeights({}, {})}
         self._slots: list[_Slot] = []
         self._clock = 0
         self._closed = False
@@ -117,77 +118,56 @@ class TaskPool:
         self._executor = ThreadPoolExecutor(workers, "rmt-pool") if workers > 1 and len(specs) > 1 else None
         arrays = {spec.key: np.empty(spec.shape, spec.dtype) for spec in specs}
         fill_base(arrays)  # first buffer: the base values, read straight into place
+        self.base = _pristine(arrays, map_base)
         self._slots.append(_Slot(0, arrays, BASE))
 
-    def base_arrays(self) -> dict[str, np.ndarray]:
-        """The unmasked base values, while the first buffer still holds them (right after loading)."""
-        with self._cond:
-            slot = next((s for s in self._slots if s.task == BASE), None)
-            if slot is None:
-                raise InternalError("no buffer holds the base values any more")
-            return dict(slot.arrays)
-
-    # ------------------------------------------------------------ tasks
-
     @property
-    def tasks(self) -> list[str]:
-        return [t for t in self._tasks if t != BASE]
+    def base_mapped(self) -> bool:
+        """Whether the pristine base is a file mapping (True) or a copy in memory."""
+        return any(not a.flags.owndata for a in self.base.values())
 
     def resident(self) -> list[str]:
         """Tasks currently materialised in a buffer, most recently used first."""
         with self._cond:
-            return [s.task for s in sorted(self._slots, key=lambda s: -s.last_used) if s.task != BASE]
+            return [s.task for s in sorted(self._slots, key=lambda s: -s.last_used) if s.task != BASE and s.ready]
 
-    def task_nbytes(self, task: str) -> int:
-        return self._tasks[task].nbytes
-
-    def add(self, task: str, zeros: Mapping[str, np.ndarray]) -> None:
-        """Register a task by the sorted flat zero indices of each masked tensor."""
-        if set(zeros) != set(self.specs):
-            raise InputError(f"task {task!r} masks {sorted(zeros)}, the pool holds {sorted(self.specs)}")
-        zeros = {key: index_array(idx) for key, idx in zeros.items()}
+    def holds(self, task: str) -> bool:
         with self._cond:
-            self._check_open()
-            if task in self._tasks:
-                raise InputError(f"task {task!r} is already loaded; give the new version another name")
-            source = self._slots[0]
-            held = self._tasks[source.task]
-            restore = {key: self._base_values(source, held, key, idx) for key, idx in zeros.items()}
-            self._tasks[task] = _TaskWeights(zeros, restore)
-
-    @staticmethod
-    def _base_values(slot: _Slot, held: _TaskWeights, key: str, idx: np.ndarray) -> np.ndarray:
-        """Base values at idx, read from a buffer holding task `held` (its zeros come from restore)."""
-        values = slot.arrays[key].reshape(-1)[idx]
-        held_idx = held.zeros.get(key)
-        if held_idx is not None and held_idx.size and idx.size:
-            pos = np.searchsorted(held_idx, idx)
-            np.minimum(pos, held_idx.size - 1, out=pos)
-            hit = held_idx[pos] == idx
-            values[hit] = held.restore[key][pos[hit]]
-        return values
+            return any(s.task == task and s.ready for s in self._slots)
 
     # ------------------------------------------------------------ leasing
 
-    def acquire(self, task: str) -> Lease:
-        """Pin a buffer holding `task`, rewriting the least recently used free one on a miss."""
+    def acquire(self, task: str, zeros: Callable[[], Zeros]) -> Lease:
+        """Pin a buffer holding `task`; on a miss, rewrite the least recently used free buffer with
+        the zero indices `zeros()` returns (called outside the lock; its errors reach the caller)."""
         with self._cond:
-            self._check_open()
-            if task not in self._tasks:
-                raise UnknownTaskError(f"task {task!r} not loaded (available: {', '.join(self.tasks) or 'none'})")
             while True:
+                self._check_open()
                 slot = next((s for s in self._slots if s.task == task), None)
-                if slot is not None:
+                if slot is not None and slot.ready:
                     self.stats.hits += 1
                     return self._pin(slot)
-                slot = self._victim()
-                if slot is not None:
-                    self.stats.misses += 1
-                    self._switch(slot, task)
-                    return self._pin(slot)
+                victim = None if slot is not None else self._victim()  # a rewrite to `task` is under way
+                if victim is not None:
+                    break
                 self.stats.waits += 1
                 self._cond.wait()
-                self._check_open()  # close() may have dropped the buffers while this thread waited
+            self.stats.misses += 1
+            old = (victim.task, victim.zeros, victim.restore)
+            victim.task, victim.ready, victim.refs = task, False, 1  # owned by this thread while rewritten
+            victim.generation += 1
+        try:
+            new_zeros = NO_ZEROS if task == BASE else zeros()
+            if task != BASE and set(new_zeros) != set(self.specs):
+                raise InternalError(f"task {task!r} masks {sorted(new_zeros)[:3]}, the pool holds "
+                                    f"{sorted(self.specs)[:3]}")
+        except BaseException:
+            self._finish(victim, *old)  # nothing was written
+            raise
+        restore = self._rewrite_or_reset(victim, old[1], old[2], new_zeros)
+        with self._cond:
+            self._finish(victim, task, new_zeros, restore, bump=False)
+            return self._pin(victim)
 
     def release(self, lease: Lease) -> None:
         with self._cond:
@@ -196,6 +176,28 @@ class TaskPool:
                 raise InternalError(f"release of a lease the pool does not hold: {lease}")
             slot.refs -= 1
             self._cond.notify_all()
+
+    def lease(self, task: str, zeros: Callable[[], Zeros]) -> "_LeaseContext":
+        return _LeaseContext(self, task, zeros)
+
+    def evict(self, task: str) -> bool:
+        """Wait until no run uses `task`, then give its buffer back the base values (and the buffer
+        to the next miss). Returns whether a buffer held it. The caller stops new leases of it first."""
+        with self._cond:
+            while True:
+                self._check_open()
+                slot = next((s for s in self._slots if s.task == task), None)
+                if slot is None:
+                    return False
+                if slot.ready and slot.refs == 0:
+                    break
+                self._cond.wait()
+            old_zeros, old_restore = slot.zeros, slot.restore
+            slot.task, slot.ready, slot.refs = BASE, False, 1
+            slot.generation += 1
+        self._rewrite_or_reset(slot, old_zeros, old_restore, NO_ZEROS)
+        self._finish(slot, BASE, NO_ZEROS, {})
+        return True
 
     def close(self) -> None:
         """Refuse new leases, wait for the ones in use, then drop the buffers."""
@@ -208,12 +210,16 @@ class TaskPool:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    # ------------------------------------------------------------ internals
+
     def _check_open(self) -> None:
         if self._closed:
             raise InputError("this engine is closed; load a new one with Engine.load(...)")
 
-    def lease(self, task: str) -> "_LeaseContext":
-        return _LeaseContext(self, task)
+    def _checked(self, key: str, idx: np.ndarray) -> np.ndarray:
+        if idx.dtype != np.intp or idx.ndim != 1 or (idx.size and not 0 <= idx[0] <= idx[-1] < self.specs[key].size):
+            raise InternalError(f"zero indices of {key!r} are not sorted in-range intp")
+        return idx
 
     def _pin(self, slot: _Slot) -> Lease:
         self._clock += 1
@@ -222,7 +228,7 @@ class TaskPool:
         return Lease(slot.task, slot.index, slot.generation, slot.arrays)
 
     def _victim(self) -> _Slot | None:
-        free = [s for s in self._slots if s.refs == 0]
+        free = [s for s in self._slots if s.refs == 0 and s.ready]
         base = next((s for s in free if s.task == BASE), None)
         if base is not None:
             return base
@@ -231,43 +237,83 @@ class TaskPool:
         return min(free, key=lambda s: s.last_used) if free else None
 
     def _allocate(self) -> _Slot:
-        """A new buffer, copied from an existing one (a memcpy, no file read)."""
-        source = max(self._slots, key=lambda s: s.last_used)
-        arrays = {k: a.copy() for k, a in source.arrays.items()}
-        slot = _Slot(len(self._slots), arrays, source.task)
+        """A new buffer holding the base values (a copy of the pristine base, no file read)."""
+        arrays = {k: np.array(a) for k, a in self.base.items()}
+        slot = _Slot(len(self._slots), arrays, BASE)
         self._slots.append(slot)
         self.stats.allocations += 1
         return slot
 
-    def _switch(self, slot: _Slot, task: str) -> None:
-        old, new = self._tasks[slot.task], self._tasks[task]
+    def _rewrite(self, arrays: dict[str, np.ndarray], old: Zeros, old_restore: Mapping[str, np.ndarray],
+                 new: Zeros) -> dict[str, np.ndarray]:
+        """Give the old zeros their base values back, then zero the new ones; returns the base values
+        at the new zeros, read from the buffer just before zeroing them (the buffer then holds exactly
+        the base, and reading the lines about to be written costs little)."""
+        restore: dict[str, np.ndarray] = {}
 
         def rewrite(key: str) -> None:
-            flat = slot.arrays[key].reshape(-1)
-            idx = old.zeros.get(key)
-            if idx is not None:
-                flat[idx] = old.restore[key]
-            idx = new.zeros.get(key)
-            if idx is not None:
-                flat[idx] = 0
+            flat = arrays[key].reshape(-1)
+            zeros = self._checked(key, new[key]) if key in new else None  # may decode here, on this worker
+            idx = old.get(key)
+            if idx is not None and idx.size:
+                flat[idx] = old_restore[key]
+            if zeros is not None:
+                restore[key] = flat[zeros]
+                flat[zeros] = 0
 
         if self._executor is None:
-            for key in slot.arrays:
+            for key in arrays:
                 rewrite(key)
         else:
-            list(self._executor.map(rewrite, slot.arrays))
-        slot.task = task
-        slot.generation += 1
+            list(self._executor.map(rewrite, arrays))
+        return restore
+
+    def _rewrite_or_reset(self, slot: _Slot, old: Zeros, old_restore: Mapping[str, np.ndarray],
+                          new: Zeros) -> dict[str, np.ndarray]:
+        """`_rewrite`; if it fails half-way, the buffer gets the pristine base values back (never a mix)."""
+        try:
+            return self._rewrite(slot.arrays, old, old_restore, new)
+        except BaseException:
+            for key, array in slot.arrays.items():
+                array[...] = self.base[key]
+            self._finish(slot, BASE, NO_ZEROS, {})
+            raise
+
+    def _finish(self, slot: _Slot, task: str, zeros: Zeros, restore: dict[str, np.ndarray],
+                bump: bool = True) -> None:
+        """Make a slot being rewritten ready again, holding `task`, and wake the waiters."""
+        with self._cond:
+            slot.task, slot.zeros, slot.restore, slot.ready, slot.refs = task, zeros, restore, True, 0
+            if bump:
+                slot.generation += 1
+            self._cond.notify_all()
+
+
+def _pristine(arrays: dict[str, np.ndarray],
+              map_base: Callable[[], Mapping[str, np.ndarray]] | None) -> dict[str, np.ndarray]:
+    """The base values to restore from: the mapping when it equals what was read, else a copy."""
+    if map_base is None:
+        base = {key: array.copy() for key, array in arrays.items()}
+    else:
+        base = dict(map_base())
+        for key, array in arrays.items():
+            found = base.get(key)
+            if found is None or found.shape != array.shape or found.dtype != array.dtype \
+                    or not np.array_equal(found, array, equal_nan=True):
+                raise ArtifactError(f"the base weights file changed while the engine loaded it ({key}); "
+                                    "load the bundle again")
+    for array in base.values():
+        array.flags.writeable = False
+    return base
 
 
 class _LeaseContext:
-    def __init__(self, pool: TaskPool, task: str):
-        self.pool, self.task, self.lease = pool, task, None
+    def __init__(self, pool: TaskPool, task: str, zeros: Callable[[], Zeros]):
+        self.pool, self.task, self.zeros, self.lease = pool, task, zeros, None
 
     def __enter__(self) -> Lease:
-        self.lease = self.pool.acquire(self.task)
+        self.lease = self.pool.acquire(self.task, self.zeros)
         return self.lease
 
     def __exit__(self, *exc) -> None:
         self.pool.release(self.lease)
-

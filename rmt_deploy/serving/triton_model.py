@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.errors import RmtError
-from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.serving import protocol
 
 PARAMETERS = ("bundle", "top_k", "cache_tasks", "threads", "backend", "max_image_pixels")
@@ -55,7 +54,6 @@ class TritonPythonModel:
         self.tasks = frozenset(self.engine.tasks)
         pixels = params.get("max_image_pixels")
         self.limits = protocol.ImageLimits(max_pixels=int(pixels)) if pixels else protocol.ImageLimits()
-        self.transform = ImageTransform.from_config(self.engine.bundle.manifest.preprocess)
         self.metrics = ServingMetrics(pb_utils, args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -67,8 +65,7 @@ class TritonPythonModel:
             except Exception as exc:  # noqa: BLE001 - a request that cannot be read fails alone
                 samples.append(None)
                 errors[i] = str(exc) if isinstance(exc, RmtError) else f"internal error: {type(exc).__name__}: {exc}"
-        wants_embedding = [protocol.EMBEDDING in request.requested_output_names() for request in requests]
-        results = self._run(samples, wants_embedding, errors)
+        results = self._run(samples, errors)
         self.metrics.record(samples, len(errors), self.engine.cache_stats)
         return [self._response(results.get(i), errors.get(i)) for i in range(len(requests))]
 
@@ -79,7 +76,7 @@ class TritonPythonModel:
             inputs[name] = None if tensor is None else tensor.as_numpy()
         return inputs
 
-    def _run(self, samples: list[list[protocol.Sample] | None], wants_embedding: list[bool],
+    def _run(self, samples: list[list[protocol.Sample] | None],
              errors: dict[int, str]) -> dict[int, dict[str, np.ndarray]]:
         """Each task's samples in one engine run; request i -> its outputs, rows in the request's order
         (a group that fails is rerun request by request, so only the failing request gets an error)."""
@@ -88,22 +85,21 @@ class TritonPythonModel:
         for task, positions in protocol.group_by_task([s for _, _, s in flat]).items():
             owners = [flat[p][:2] for p in positions]
             try:
-                outputs = self._predict(task, [flat[p][2].image for p in positions],
-                                        any(wants_embedding[i] for i, _ in owners))
+                outputs = self._predict(task, [flat[p][2].image for p in positions])
             except Exception:  # noqa: BLE001 - must not fail the batch: rerun per request below
                 for i in sorted({i for i, _ in owners}):
-                    self._run_alone(i, samples[i], wants_embedding[i], errors, rows)
+                    self._run_alone(i, samples[i], errors, rows)
                 continue
             for row, (i, k) in enumerate(owners):
                 rows[i][k] = {name: value[row] for name, value in outputs.items()}
         return {i: {name: np.stack([r[name] for r in parts]) for name in parts[0]}
                 for i, parts in rows.items() if i not in errors}
 
-    def _run_alone(self, i: int, request: list[protocol.Sample], embedding: bool, errors: dict[int, str],
+    def _run_alone(self, i: int, request: list[protocol.Sample], errors: dict[int, str],
                    rows: dict[int, list[Any]]) -> None:
         try:
             for task, positions in protocol.group_by_task(request).items():
-                outputs = self._predict(task, [request[p].image for p in positions], embedding)
+                outputs = self._predict(task, [request[p].image for p in positions])
                 for row, k in enumerate(positions):
                     rows[i][k] = {name: value[row] for name, value in outputs.items()}
         except RmtError as exc:
@@ -111,12 +107,10 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own, never the batch's
             errors[i] = f"internal error: {type(exc).__name__}: {exc}"
 
-    def _predict(self, task: str, images: list[Any], embedding: bool) -> dict[str, np.ndarray]:
-        """One task's images, preprocessed once; the embedding (a second run) only when asked for."""
-        batch = to_batch(images, self.transform)
-        prediction = self.engine.predict(batch, task=task)
-        embeddings = self.engine.embed(batch, task) if embedding else None
-        return protocol.encode_outputs(prediction, self.top_k, embeddings)
+    def _predict(self, task: str, images: list[Any]) -> dict[str, np.ndarray]:
+        """One engine run for one task's images: all four outputs (Triton returns the requested ones)."""
+        prediction = self.engine.predict(images, task=task)
+        return protocol.encode_outputs(prediction, self.top_k, prediction.embeddings)
 
     def _response(self, outputs: dict[str, np.ndarray] | None, error: str | None) -> Any:
         pb = self._pb

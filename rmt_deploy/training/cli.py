@@ -54,6 +54,14 @@ def _groups(value: str) -> tuple[str, ...]:
 @click.option("--mask-groups", default="attn", show_default=True, help="Comma-separated: attn, mlp, conv1.")
 @click.option("--subsample", default="all", show_default=True,
               help="Classes to train on: all, or base (the first half, for base-to-new generalisation).")
+@click.option("--head", default="zeroshot", show_default=True,
+              help="Task head: zeroshot (class prompts), coop (CoOp prompts learned with the masks), "
+                   "tip-adapter (Tip-Adapter's cache over the masked encoder), tip-adapter-f (its keys fine-tuned).")
+@click.option("--coop-n-ctx", default=16, show_default=True, help="CoOp context tokens (random init N(0, 0.02)).")
+@click.option("--coop-ctx-init", default="", help="Initialise CoOp's context from a phrase, e.g. 'a photo of a'.")
+@click.option("--coop-lr", default=0.002, show_default=True,
+              help="CoOp's SGD learning rate (one warm-up epoch at 1e-5, then cosine).")
+@click.option("--tip-views", default=10, show_default=True, help="Augmented views averaged into each cache key.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--precision", default="fp32", show_default=True, help=_PRECISION_HELP)
 @click.option("--workers", default=4, show_default=True, help="DataLoader worker processes.")
@@ -72,7 +80,7 @@ def train(**options) -> None:
     result = train_task(TrainConfig(**options))
     m = result.metrics
     if m:  # rank 0
-        click.echo(f"task {m['task']}: test accuracy {100 * m['test_accuracy']:.2f}% "
+        click.echo(f"task {m['task']} ({m['head']} head): test accuracy {100 * m['test_accuracy']:.2f}% "
                    f"(zero-shot {100 * m['zero_shot_test_accuracy']:.2f}%), "
                    f"sparsity {100 * m['sparsity']:.2f}%, {m['epochs']} epochs, {m['images_per_s']:.1f} images/s")
         click.echo(f"wrote {result.taskpack} and {result.metrics_path}")

@@ -7,15 +7,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.heads import ZEROSHOT, check_kind
 from rmt_deploy.models import MASK_GROUPS
 from rmt_deploy.taskpack import check_task_name
 from rmt_deploy.training.data import SUBSAMPLES, resolve_dataset
+from rmt_deploy.training.cache import AUGMENT_VIEWS
 from rmt_deploy.training.masking import SCORE_INIT, THRESHOLD
+from rmt_deploy.training.prompts import LR as COOP_LR
+from rmt_deploy.training.prompts import N_CTX
 from rmt_deploy.training.precision import DEFAULT_PRECISION, PRECISIONS
 from rmt_deploy.training.recipe import recipe_for
 from rmt_deploy.training.regularizer import SCORE_L2_WEIGHT
 
 CONFIG_VERSION = 2  # 2: `precision` replaced `amp`; lr, epochs and gdr_lambda default to the recipe
+# fields added since version 2 with defaults that reproduce what runs before them did (resume compares them)
+ADDED_DEFAULTS = {"head": ZEROSHOT, "coop_n_ctx": N_CTX, "coop_ctx_init": "", "coop_lr": COOP_LR,
+                  "tip_views": AUGMENT_VIEWS}
 
 
 @dataclass
@@ -56,6 +63,11 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: bool = False
     progress: bool = True
+    head: str = ZEROSHOT  # zeroshot | coop | tip-adapter | tip-adapter-f (rmt_deploy.heads)
+    coop_n_ctx: int = N_CTX  # CoOp context tokens (ignored with coop_ctx_init: its word count)
+    coop_ctx_init: str = ""  # e.g. "a photo of a"; "" draws the context from N(0, 0.02)
+    coop_lr: float = COOP_LR  # CoOp's SGD rate: warm-up epoch at 1e-5, then cosine
+    tip_views: int = AUGMENT_VIEWS  # augmented views averaged into each cache key
     version: int = field(default=CONFIG_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +110,11 @@ class TrainConfig:
                                              f"{cfg.threshold} so every mask starts at 1"),
             (cfg.precision in PRECISIONS, f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}"),
             (cfg.subsample in SUBSAMPLES, f"--subsample {cfg.subsample!r} is not one of {', '.join(SUBSAMPLES)}"),
+            (cfg.coop_n_ctx >= 1, f"--coop-n-ctx {cfg.coop_n_ctx}: CoOp needs at least 1 context token (default 16)"),
+            (cfg.coop_lr > 0, f"--coop-lr {cfg.coop_lr}: the learning rate must be positive"),
+            (cfg.tip_views >= 1, f"--tip-views {cfg.tip_views}: average at least 1 view per cache key"),
         ]
+        check_kind(cfg.head)
         for ok, message in checks:
             if not ok:
                 raise InputError(message)

@@ -5,9 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rmt_deploy import heads
 from rmt_deploy.errors import InputError
 from rmt_deploy.models import BaseModel, fingerprint, load_base
 from rmt_deploy.taskpack import TaskPack
@@ -105,10 +107,15 @@ def evaluate_taskpack(config: EvalConfig) -> EvalResult:
         raise InputError(f"task '{pack.name}' masks {unknown[0]!r}, which {pack.model_name} does not have")
     pack.check_base(fingerprint(pack.model_name, {n: params[n] for n in pack.masks}))
     head = task_head(pack, data, base, dev, config.text_head)
+    cache = None if config.zero_shot else task_cache(pack, data)
     if not config.zero_shot:
         apply_masks_(base.model, pack.masks)
+    math = heads.HeadMath(head.cpu().numpy(), pack.logit_scale, cache) if cache is not None else None
 
     def logits(images: torch.Tensor) -> torch.Tensor:
+        if math is not None:  # the runtime's numpy head, as the trainer scored it
+            features = F.normalize(base.model.encode_image(images).float(), dim=-1).cpu().numpy()
+            return torch.from_numpy(math.logits(features)).to(images.device)
         return class_logits(base.model.encode_image(images), head, pack.logit_scale)
 
     samples = data.split(config.split)
@@ -117,6 +124,24 @@ def evaluate_taskpack(config: EvalConfig) -> EvalResult:
     loader = make_loader(samples, base.preprocess, config.batch_size, config.workers, dev)
     (correct,), total = count_correct([logits], loader, dev, precision)
     return EvalResult(pack.name, data.name, config.split, correct / total, correct, total, config.zero_shot)
+
+
+def task_cache(pack: TaskPack, data: FewShotData) -> heads.Cache | None:
+    """A tip-adapter pack's cache for the dataset's classes: all of it, or the keys of a class subset
+    (labels renumbered); None for other kinds, or for classes the task has no keys for (text head alone)."""
+    if pack.cache is None:
+        return None
+    if data.class_names == pack.class_names:
+        return pack.cache
+    index = {name: i for i, name in enumerate(pack.class_names)}
+    if not all(name in index for name in data.class_names):
+        return None
+    rows = [index[name] for name in data.class_names]
+    renumber = {old: new for new, old in enumerate(rows)}
+    keep = np.isin(pack.cache.labels, rows)
+    labels = np.array([renumber[int(label)] for label in pack.cache.labels[keep]], dtype=np.int64)
+    return heads.Cache.build(pack.cache.keys[keep], labels, pack.cache.alpha, pack.cache.beta, len(rows),
+                             pack.cache.keys.shape[1])
 
 
 def task_head(pack: TaskPack, data: FewShotData, base: BaseModel, device: torch.device,

@@ -129,14 +129,15 @@ class MaskedCLIP(nn.Module):
         return self.visual(images)
 
     def forward(self, images: torch.Tensor, masked: bool = True,
-                scores: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                scores: Mapping[str, torch.Tensor] | None = None, head: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits: logit_scale * normalize(f_img) @ head^T, in fp32 under any autocast.
 
         `scores` (views from `self.scores`) lets a caller take gradients with
         respect to the views themselves: much cheaper than accumulating many
-        slices into the flat parameter.
+        slices into the flat parameter. `head` replaces the stored head (CoOp's learned prompts).
         """
-        return class_logits(self.image_features(images, masked, scores), self.head, self.logit_scale)
+        head = self.head if head is None else head
+        return class_logits(self.image_features(images, masked, scores), head, self.logit_scale)
 
     def flat_grad(self, loss: torch.Tensor, scores: Mapping[str, torch.Tensor],
                   retain_graph: bool = False) -> torch.Tensor:

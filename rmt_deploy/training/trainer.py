@@ -4,6 +4,10 @@ A step (reference/RMT.md): student logits with masks on; teacher logits with
 masks off under no_grad; g_kl = dL_kl/dS and g_ce = d(L_ce + 1e-4 sum||S||_2)/dS
 from two backward passes over the one student graph; averaged across ranks;
 gradient dropout; Adam. `--no-gdr` is plain mask tuning (one backward, no teacher).
+Heads (rmt_deploy.heads, training.prompts, training.cache): `coop` learns CoOp's prompt
+context on the same cross-entropy, in the same steps (SGD, its own schedule; the teacher
+sees the current prompts, detached); the tip-adapter heads build Tip-Adapter's cache over
+the trained masked encoder after the last epoch.
 """
 from __future__ import annotations
 
@@ -19,17 +23,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rmt_deploy import heads
 from rmt_deploy.errors import InputError
 from rmt_deploy.models import BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
 from rmt_deploy.taskpack import SUFFIX, TaskPack, write_atomic
+from rmt_deploy.training import cache as tip
 from rmt_deploy.training import checkpoint
-from rmt_deploy.training.config import CONFIG_VERSION, TrainConfig  # noqa: F401  (TrainConfig: public here too)
-from rmt_deploy.training.data import build_dataset, task_name_from
+from rmt_deploy.training.config import ADDED_DEFAULTS, CONFIG_VERSION, TrainConfig  # noqa: F401  (public here too)
+from rmt_deploy.training.data import build_dataset, resolve_dataset, task_name_from
 from rmt_deploy.training.distributed import DistContext, init_distributed
 from rmt_deploy.training.evaluation import class_head, count_correct, make_loader, sharded
 from rmt_deploy.training.loading import SeededSampler, batches, train_transform
 from rmt_deploy.training.masking import MaskedCLIP
 from rmt_deploy.training.precision import LossScaler, autocast, check_precision
+from rmt_deploy.training.prompts import PromptLearner, coop_lr, coop_optimizer
 from rmt_deploy.training.progress import EpochMeter, progress_bar
 from rmt_deploy.training.regularizer import gradient_dropout, score_penalty, teacher_loss
 
@@ -60,34 +67,44 @@ def prepare_out(out: Path) -> Path:
 
 def rmt_step(model: MaskedCLIP, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
              optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
-             dist: DistContext, scaler: LossScaler | None = None) -> dict[str, torch.Tensor]:
-    """One optimisation step of the scores; returns detached loss terms and the student logits.
+             dist: DistContext, scaler: LossScaler | None = None, prompt: PromptLearner | None = None,
+             prompt_optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """One optimisation step of the scores (and CoOp's context, given `prompt`); returns detached
+    loss terms and the student logits.
 
     Autocast (cfg.precision) covers the image tower; logits, losses and gradient dropout are fp32.
-    With fp16 the losses are scaled, and a step whose gradients overflow is skipped.
+    With fp16 the losses are scaled, and a step whose gradients overflow is skipped. The context
+    gets the plain cross-entropy gradient: gradient dropout is for the mask scores only.
     """
     scaler = scaler or LossScaler(enabled=False)
     views = model.scores  # gradients are taken per view, then concatenated (see MaskedCLIP.flat_grad)
+    text = prompt() if prompt is not None else None
     with autocast(images.device, cfg.precision):
-        student = model(images, scores=views)
+        student = model(images, scores=views, head=text)
     scores = model.flat_scores
     loss_ce = F.cross_entropy(student, labels) + score_penalty(views.values(), cfg.score_l2)
+    g_ctx = [] if prompt is None else list(torch.autograd.grad(scaler.scaled(loss_ce), [prompt.ctx],
+                                                                retain_graph=True))
     if cfg.gdr:
         with torch.no_grad(), autocast(images.device, cfg.precision):
-            teacher = model(images, masked=False)
+            teacher = model(images, masked=False, head=None if text is None else text.detach())
         loss_kl = teacher_loss(student, teacher, cfg.temperature)
         g_kl = model.flat_grad(scaler.scaled(loss_kl), views, retain_graph=True)
         g_ce = model.flat_grad(scaler.scaled(loss_ce), views)
-        g_ce, g_kl = dist.average(g_ce, g_kl)
-        if scaler.unscale(g_ce, g_kl):
+        g_ce, g_kl, *g_ctx = dist.average(g_ce, g_kl, *g_ctx)
+        if scaler.unscale(g_ce, g_kl, *g_ctx):
             scores.grad = gradient_dropout(g_ce, g_kl, cfg.gdr_lambda, generator)
     else:
         loss_kl = torch.zeros(())
-        (g_ce,) = dist.average(model.flat_grad(scaler.scaled(loss_ce), views))
-        if scaler.unscale(g_ce):
+        g_ce, *g_ctx = dist.average(model.flat_grad(scaler.scaled(loss_ce), views), *g_ctx)
+        if scaler.unscale(g_ce, *g_ctx):
             scores.grad = g_ce
     if scores.grad is not None:
         optimizer.step()
+        if prompt is not None and prompt_optimizer is not None:
+            prompt.ctx.grad = g_ctx[0]
+            prompt_optimizer.step()
+            prompt.ctx.grad = None
     scores.grad = None
     return {"loss": loss_ce.detach(), "kl": loss_kl.detach(), "logits": student.detach()}
 
@@ -123,8 +140,14 @@ class _Run:
         head = class_head(base, self.data.class_names, self.template, dist.device)
         logit_scale = float(base.model.logit_scale.detach().exp())
         self.model = MaskedCLIP(base.model, tensors, head, logit_scale, cfg.threshold, cfg.score_init)
+        self.text_head = head  # the class prompts' features: the zero-shot baseline's head
         self.optimizer = torch.optim.Adam([self.model.flat_scores], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.prompt, self.prompt_optimizer, self.cache, self.search = None, None, None, None
+        if cfg.head == heads.COOP:
+            self.prompt = PromptLearner(base.model, base.tokenizer, self.data.class_names, cfg.coop_n_ctx,
+                                        cfg.coop_ctx_init, torch.Generator().manual_seed(cfg.seed))
+            self.prompt_optimizer = coop_optimizer(self.prompt.ctx, cfg.coop_lr)
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
         self.gdr_generator = torch.Generator(device=dist.device).manual_seed(cfg.seed)  # same on every rank
         self.loader_generator = torch.Generator().manual_seed(cfg.seed + 1000 * dist.rank)
@@ -143,9 +166,11 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         rng = self.dist.gather(checkpoint.capture_rng(self.generators()))
+        prompt = {} if self.prompt is None else {
+            "prompt_ctx": self.prompt.ctx.detach().cpu(), "prompt_optimizer": self.prompt_optimizer.state_dict()}
         if self.dist.is_main:
             checkpoint.save(self.out, self.epoch, {
-                "config": self.cfg.to_dict(), "names": list(self.model.names),
+                **prompt, "config": self.cfg.to_dict(), "names": list(self.model.names),
                 "scores": self.model.flat_scores.detach().cpu(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng, "history": self.history,
                 "train_time": self.train_time, "images_seen": self.images_seen,
@@ -156,7 +181,7 @@ class _Run:
         state = checkpoint.load_latest(self.out)
         saved = state["config"]
         now = self.cfg.to_dict()
-        changed = [k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k]]
+        changed = [k for k in now if k not in _RESUME_FREE and saved.get(k, ADDED_DEFAULTS.get(k)) != now[k]]
         if changed:
             k = changed[0]
             raise InputError(f"--resume: {k} was {saved.get(k)!r} in the checkpointed run, now {now[k]!r}: "
@@ -172,6 +197,10 @@ class _Run:
         with torch.no_grad():
             self.model.flat_scores.copy_(state["scores"].to(self.model.flat_scores.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.prompt is not None:
+            with torch.no_grad():
+                self.prompt.ctx.copy_(state["prompt_ctx"].to(self.prompt.ctx.device))
+            self.prompt_optimizer.load_state_dict(state["prompt_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.restore_rng(state["rng"][self.dist.rank], self.generators())
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
@@ -183,13 +212,17 @@ class _Run:
         lr = cosine_lr(cfg.lr, self.epoch, cfg.epochs)  # a longer --epochs on resume stretches what is left
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.prompt_optimizer is not None:
+            for group in self.prompt_optimizer.param_groups:
+                group["lr"] = coop_lr(cfg.coop_lr, self.epoch, cfg.epochs)
         meter = EpochMeter()
         start = time.perf_counter()
         bar = progress_bar(batches(self.loader), f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress and dist.is_main)
         for images, labels in bar:
             images = images.to(dist.device, non_blocking=True)
             labels = labels.to(dist.device, non_blocking=True)
-            out = rmt_step(self.model, images, labels, cfg, self.optimizer, self.gdr_generator, dist, self.scaler)
+            out = rmt_step(self.model, images, labels, cfg, self.optimizer, self.gdr_generator, dist, self.scaler,
+                           self.prompt, self.prompt_optimizer)
             meter.update(out, labels)
             bar.set_postfix(meter.postfix(self.model.sparsity()), refresh=False)
         dist.check_in_sync(self.model.flat_scores)
@@ -201,21 +234,78 @@ class _Run:
                              "train_accuracy": correct / max(seen, 1), "sparsity": self.model.sparsity(),
                              "lr": lr})  # the rate this epoch trained with
 
+    def finish_head(self) -> None:
+        """CoOp: the learned prompts' features become the head. Tip-Adapter: build and search the cache."""
+        if self.prompt is not None:
+            with torch.no_grad():
+                self.model.head.copy_(self.prompt())
+        elif self.cfg.head in heads.CACHE_KINDS:
+            self.cache, self.search = self._build_cache()
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(images.device, self.cfg.precision):
+            return self.model.image_features(images).float()
+
+    def _build_cache(self) -> tuple[heads.Cache, tip.Search]:
+        cfg, device = self.cfg, self.dist.device
+        augment = train_transform(preprocess_config(self.base.model))
+
+        def loader(batch: int) -> Any:
+            return lambda sampler: make_loader(self.data.train, augment, batch, cfg.workers, device, sampler=sampler)
+
+        keys, labels = tip.cache_keys(self._encode, loader(cfg.eval_batch_size), self.data.train, cfg.seed, device,
+                                      cfg.tip_views)
+        if cfg.head == heads.TIP_ADAPTER_F:
+            keys = tip.finetune_keys(keys, labels, self._encode, loader(tip.FINETUNE_BATCH), self.data.train,
+                                     self.model.head, self.model.logit_scale, cfg.seed, device)
+        val_samples = self.data.split("val")
+        val = None
+        if val_samples:
+            val = tip.features(self._encode, make_loader(val_samples, self.base.preprocess, cfg.eval_batch_size,
+                                                         cfg.workers, device), device)
+        scale = tip.SEARCH_SCALES.get(resolve_dataset(cfg.dataset), tip.DEFAULT_SEARCH_SCALE)
+        return tip.build_cache(keys, labels, self.model.head.cpu().numpy(), self.model.logit_scale, val, scale)
+
+    def _eval_fns(self) -> dict[str, Any]:
+        """Logit functions per metric prefix: the task's head first, then its baselines."""
+        zero_shot = lambda x: self.model(x, masked=False, head=self.text_head)  # noqa: E731
+        if self.cache is not None:
+            math = heads.HeadMath(self.model.head.cpu().numpy(), self.model.logit_scale, self.cache)
+
+            def tip_logits(x: torch.Tensor) -> torch.Tensor:  # the runtime's numpy head on the masked features
+                f = F.normalize(self._encode(x), dim=-1).cpu().numpy()
+                return torch.from_numpy(math.logits(f)).to(x.device)
+
+            return {"": tip_logits, "mask_only_": self.model, "zero_shot_": zero_shot}
+        if self.prompt is not None:
+            return {"": self.model, "prompt_only_": lambda x: self.model(x, masked=False), "zero_shot_": zero_shot}
+        return {"": self.model, "zero_shot_": zero_shot}
+
     def evaluate(self) -> dict[str, float]:
-        """Final (masked) and zero-shot (masks off) accuracy on the test split, sharded over ranks."""
+        """Accuracy of the task (masks + head) and its baselines on the test and val splits, sharded over ranks:
+        zero_shot_ = masks off with the class prompts; mask_only_ / prompt_only_ = one half of a combined head."""
         metrics = {}
+        fns = self._eval_fns()
         for split in ("test", "val"):
             samples = sharded(self.data.split(split), self.dist)
             loader = make_loader(samples, self.base.preprocess, self.cfg.eval_batch_size, self.cfg.workers,
                                  self.dist.device)
-            (student, teacher), total = count_correct(
-                [self.model, lambda x: self.model(x, masked=False)], loader, self.dist.device, self.cfg.precision)
-            student, teacher, total = self.dist.sum_counts(student, teacher, total)
+            correct, total = count_correct(list(fns.values()), loader, self.dist.device, self.cfg.precision)
+            *correct, total = self.dist.sum_counts(*correct, total)
             if total:
-                metrics[f"{split}_accuracy"] = student / total
-                metrics[f"zero_shot_{split}_accuracy"] = teacher / total
+                for prefix, count in zip(fns, correct):
+                    metrics[f"{prefix}{split}_accuracy"] = count / total
             metrics[f"{split}_images"] = total
         return metrics
+
+    def head_metrics(self) -> dict[str, Any]:
+        """What the head is and costs: kind, bytes, and Tip-Adapter's searched alpha and beta."""
+        out: dict[str, Any] = {"head": self.cfg.head,
+                               "head_bytes": heads.head_nbytes(self.model.head.cpu().numpy(), self.cache)}
+        if self.search is not None:
+            out.update(tip_alpha=self.search.alpha, tip_beta=self.search.beta,
+                       tip_search_val_accuracy=self.search.val_accuracy, tip_cache_keys=int(self.cache.labels.size))
+        return out
 
     def write_outputs(self, eval_metrics: dict[str, float], wall: float) -> TrainResult:
         masks = {n: m.cpu().numpy() for n, m in self.model.binary_masks().items()}
@@ -224,7 +314,7 @@ class _Run:
             "task": self.task, "dataset": self.data.name, "model": self.cfg.model,
             "pretrained": pretrained_label(self.cfg.pretrained), "quick_gelu": self.base.quick_gelu,
             "precision": self.cfg.precision, "subsample": self.cfg.subsample, "shots": self.cfg.shots, "seed": self.cfg.seed,
-            **eval_metrics,
+            **eval_metrics, **self.head_metrics(),
             "sparsity": self.model.sparsity(), "sparsity_per_tensor": per_tensor,
             "masked_weights": int(self.model.flat_scores.numel()), "epochs": self.epoch,
             "train_images": len(self.data.train), "classes": len(self.data.class_names),
@@ -239,6 +329,7 @@ class _Run:
             template=self.template,
             metrics={k: v for k, v in metrics.items() if k not in ("history", "hyperparameters")},
             hyperparameters=self.cfg.to_dict(), quick_gelu=self.base.quick_gelu,
+            head_kind=self.cfg.head, cache=self.cache,
         )
         pack_path = pack.save(self.out / f"{self.task}{SUFFIX}")
         metrics_path = self.out / METRICS_FILE
@@ -279,6 +370,7 @@ def train_task(config: TrainConfig, base: BaseModel | None = None) -> TrainResul
         while run.epoch < cfg.epochs:
             run.train_epoch()
             run.save_checkpoint()
+        run.finish_head()
         eval_metrics = run.evaluate()
         result = None
         if dist.is_main:

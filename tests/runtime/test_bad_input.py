@@ -102,15 +102,28 @@ def test_hot_added_task_serves_and_duplicates_are_refused(engine, make_taskpack,
     ("base_weights.safetensors", "flip"),
     ("base_weights.safetensors", "truncate"),
     ("base.onnx", "truncate"),
-    ("tasks/beta.rmtask", "flip"),
+    ("tasks/alpha.rmtask", "flip"),
     ("manifest.json", "truncate"),
 ])
 def test_corrupted_bundle_file_is_an_artifact_error(damaged, relative, how):
     root = damaged(relative, how)
     with pytest.raises(ArtifactError) as info:
-        Engine.load(root, threads=1)
+        Engine.load(root, threads=1)  # loads (and so reads) the first task, alpha
     message = str(info.value)
     assert "\n" not in message and relative.split("/")[-1] in message or "fingerprint" in message
+
+
+def test_a_damaged_task_fails_at_its_first_use_and_the_others_keep_serving(damaged, images):
+    """Tasks are read lazily: a damaged one does not stop the load, it fails alone, every time it is used."""
+    root = damaged("tasks/beta.rmtask", "flip")
+    with Engine.load(root, threads=1) as engine:
+        assert engine.tier("beta") == "disk"
+        for _ in range(2):
+            with pytest.raises(ArtifactError, match="beta.rmtask") as info:
+                engine.predict(images, task="beta")
+            assert "\n" not in str(info.value)
+            assert engine.tier("beta") == "disk"
+        assert engine.predict(images, task="alpha").task == "alpha"
 
 
 def test_damaged_base_weights_are_caught_by_their_sha256_whatever_the_backend_layout(damaged):

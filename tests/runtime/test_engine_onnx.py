@@ -43,3 +43,12 @@ def test_bundle_with_initializer_defaults_is_fed_the_same(tmp_path, tiny_checkpo
         for task in ["beta", "alpha", "beta"]:
             np.testing.assert_allclose(engine.predict(images, task=task).logits, reference(packs[task], images),
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_prediction_carries_the_embeddings_its_logits_came_from(onnx_bundle, packs, images):
+    with Engine.load(onnx_bundle, threads=1) as engine:
+        got = engine.predict(images, task="beta")
+        np.testing.assert_array_equal(got.embeddings, engine.embed(images, "beta"))
+        np.testing.assert_allclose(np.linalg.norm(got.embeddings, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(got.logits, packs["beta"].logit_scale * got.embeddings @ packs["beta"].head.T,
+                                   rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""TaskPool: LRU of dense masked buffers rewritten in place, checked with plain numpy arrays."""
+"""TaskPool: LRU of dense masked buffers rewritten in place from a pristine base, checked with plain numpy arrays."""
 from __future__ import annotations
 
 import threading
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rmt_deploy.errors import InputError, UnknownTaskError
-from rmt_deploy.runtime.taskpool import TaskPool, TensorSpec
+from rmt_deploy.errors import ArtifactError, InputError, InternalError
+from rmt_deploy.runtime.taskpool import BASE, TaskPool, TensorSpec, index_array
 
 SHAPES = {"a": (6, 5), "b": (7,), "c": (3, 2, 4)}
 
 
-def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0):
+def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0, mapped=False):
     rng = np.random.default_rng(seed)
     base = {k: rng.standard_normal(s).astype(np.float32) + 3 for k, s in SHAPES.items()}
     specs = [TensorSpec(k, s, np.dtype(np.float32), k) for k, s in SHAPES.items()]
@@ -25,12 +25,24 @@ def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0):
             reads.append(key)
             out[...] = base[key]
 
-    pool = TaskPool(specs, read_base, capacity)
-    masks = {}
-    for t in tasks:
-        masks[t] = {k: rng.random(s) >= zeros for k, s in SHAPES.items()}
-        pool.add(t, {k: np.flatnonzero(~m).astype(np.int32) for k, m in masks[t].items()})
+    map_base = (lambda: {k: np.frombuffer(v.tobytes(), np.float32).reshape(v.shape) for k, v in base.items()}) \
+        if mapped else None
+    pool = TaskPool(specs, read_base, capacity, map_base=map_base)
+    masks = {t: {k: rng.random(s) >= zeros for k, s in SHAPES.items()} for t in tasks}
     return pool, base, masks, reads
+
+
+def _zeros(masks, task):
+    """The zero-index loader the pool calls on a miss, counting its calls."""
+    def load():
+        load.calls += 1
+        return {k: index_array(np.flatnonzero(~m)) for k, m in masks[task].items()}
+    load.calls = 0
+    return load
+
+
+def _lease(pool, masks, task):
+    return pool.lease(task, _zeros(masks, task))
 
 
 def _check(lease, base, masks):
@@ -39,52 +51,58 @@ def _check(lease, base, masks):
 
 
 @settings(max_examples=40, deadline=None)
-@given(capacity=st.integers(1, 3), order=st.lists(st.sampled_from(["t0", "t1", "t2", "t3"]), max_size=12))
-def test_every_lease_holds_exactly_its_tasks_masked_weights(capacity, order):
-    pool, base, masks, reads = _setup(capacity, tasks=("t0", "t1", "t2", "t3"))
+@given(capacity=st.integers(1, 3), order=st.lists(st.sampled_from(["t0", "t1", "t2", "t3"]), max_size=12),
+       mapped=st.booleans())
+def test_every_lease_holds_exactly_its_tasks_masked_weights(capacity, order, mapped):
+    pool, base, masks, reads = _setup(capacity, tasks=("t0", "t1", "t2", "t3"), mapped=mapped)
     for task in order:
-        with pool.lease(task) as lease:
+        with _lease(pool, masks, task) as lease:
             assert lease.task == task
             _check(lease, base, masks)
     assert len(pool._slots) <= capacity
     assert reads == list(SHAPES)  # the base file is read once, into the first buffer
+    assert pool.base_mapped == mapped
 
 
 def test_cached_tasks_are_hits_and_lru_is_evicted():
     pool, base, masks, _ = _setup(2)
     for task in ["t0", "t1", "t0", "t2", "t0", "t1"]:
-        with pool.lease(task):
+        with _lease(pool, masks, task):
             pass
     assert pool.stats.hits == 2 and pool.stats.misses == 4
     assert pool.resident() == ["t1", "t0"]
 
 
+def test_a_hit_does_not_ask_for_the_zero_indices():
+    pool, base, masks, _ = _setup(1)
+    first, second = _zeros(masks, "t0"), _zeros(masks, "t0")
+    pool.release(pool.acquire("t0", first))
+    pool.release(pool.acquire("t0", second))
+    assert (first.calls, second.calls) == (1, 0)
+
+
 def test_overlapping_zeros_restore_exact_base_values():
     pool, base, masks, _ = _setup(1, tasks=("t0", "t1"), zeros=0.7)  # most zeros overlap
     for task in ["t0", "t1", "t0", "t1"]:
-        with pool.lease(task) as lease:
+        with _lease(pool, masks, task) as lease:
             _check(lease, base, masks)
 
 
-def test_task_added_while_a_masked_buffer_is_resident_gets_true_base_values():
-    pool, base, masks, _ = _setup(1, tasks=("t0",), zeros=0.5)
-    with pool.lease("t0"):
-        pass
-    rng = np.random.default_rng(9)
-    masks["late"] = {k: rng.random(s) >= 0.5 for k, s in SHAPES.items()}
-    pool.add("late", {k: np.flatnonzero(~m) for k, m in masks["late"].items()})
-    for task in ["late", "t0", "late"]:
-        with pool.lease(task) as lease:
-            _check(lease, base, masks)
+def test_the_base_pseudo_task_is_the_unmasked_weights():
+    pool, base, masks, _ = _setup(1)
+    for task in ["t0", BASE, "t1", BASE]:
+        with pool.lease(task, _zeros(masks, task) if task != BASE else None) as lease:
+            for key, array in lease.arrays.items():
+                np.testing.assert_array_equal(array, base[key] * masks[task][key] if task != BASE else base[key])
 
 
 def test_a_leased_buffer_is_never_rewritten_until_released():
     pool, base, masks, _ = _setup(1)
-    first = pool.acquire("t0")
+    first = pool.acquire("t0", _zeros(masks, "t0"))
     got = {}
 
     def other():
-        with pool.lease("t1") as lease:
+        with _lease(pool, masks, "t1") as lease:
             got["task"] = lease.task
             _check(lease, base, masks)
 
@@ -98,21 +116,80 @@ def test_a_leased_buffer_is_never_rewritten_until_released():
     assert got["task"] == "t1" and pool.stats.waits >= 1
 
 
-def test_tasks_are_stored_compactly():
-    pool, _, masks, _ = _setup(1, zeros=0.025)
-    zeros = sum(int((~m).sum()) for m in masks["t0"].values())
-    assert pool.task_nbytes("t0") == 12 * zeros  # int64 index + fp32 base value per zero
+def test_a_failing_loader_leaves_the_buffer_as_it_was():
+    pool, base, masks, _ = _setup(1)
+    with _lease(pool, masks, "t0"):
+        pass
+
+    def broken():
+        raise ArtifactError("t1.rmtask: damaged")
+
+    with pytest.raises(ArtifactError, match="damaged"):
+        pool.acquire("t1", broken)
+    assert pool.resident() == ["t0"]
+    with _lease(pool, masks, "t0") as lease:
+        _check(lease, base, masks)
+    assert pool.stats.hits == 1
 
 
-def test_int32_indices_are_stored_as_intp_and_rewrites_stay_exact():
-    pool, base, masks, _ = _setup(1, tasks=("t0",), zeros=0.4)
-    rng = np.random.default_rng(4)
-    masks["wide"] = {k: rng.random(s) >= 0.4 for k, s in SHAPES.items()}
-    pool.add("wide", {k: np.flatnonzero(~m).astype(np.int32) for k, m in masks["wide"].items()})
-    assert {a.dtype for a in pool._tasks["wide"].zeros.values()} == {np.dtype(np.intp)}
-    for task in ["wide", "t0", "wide", "t0"]:  # one buffer: every switch rewrites it in place
-        with pool.lease(task) as lease:
-            _check(lease, base, masks)
+def test_bad_zero_indices_are_refused_before_any_write():
+    pool, base, masks, _ = _setup(1)
+    for bad in ({"a": np.array([3, 1], np.intp)}, {k: np.array([10**6], np.intp) for k in SHAPES},
+                {k: np.array([1], np.int32) for k in SHAPES}):
+        with pytest.raises(InternalError):
+            pool.acquire("t0", lambda bad=bad: bad)
+    with pool.lease(BASE, None) as lease:
+        for key, array in lease.arrays.items():
+            np.testing.assert_array_equal(array, base[key])
+
+
+def test_evict_waits_for_runs_then_restores_the_base_values():
+    pool, base, masks, _ = _setup(2)
+    held = pool.acquire("t0", _zeros(masks, "t0"))
+    done = threading.Event()
+    evictor = threading.Thread(target=lambda: (pool.evict("t0"), done.set()))
+    evictor.start()
+    time.sleep(0.05)
+    assert not done.is_set()  # t0 is still leased
+    _check(held, base, masks)
+    pool.release(held)
+    evictor.join(5)
+    assert done.is_set() and pool.resident() == [] and not pool.evict("t0")
+    with pool.lease(BASE, None) as lease:
+        assert lease.slot == held.slot
+        for key, array in lease.arrays.items():
+            np.testing.assert_array_equal(array, base[key])
+
+
+def test_misses_on_one_buffer_do_not_block_hits_on_another():
+    pool, base, masks, _ = _setup(2)
+    with _lease(pool, masks, "t0"):
+        pass
+    entered, leave = threading.Event(), threading.Event()
+
+    def slow():
+        entered.set()
+        assert leave.wait(5)
+        return _zeros(masks, "t1")()
+
+    rewriting = threading.Thread(target=lambda: pool.release(pool.acquire("t1", slow)))
+    rewriting.start()
+    assert entered.wait(5)
+    with _lease(pool, masks, "t0") as lease:  # a hit while t1 is being loaded
+        _check(lease, base, masks)
+    leave.set()
+    rewriting.join(5)
+    assert sorted(pool.resident()) == ["t0", "t1"]
+
+
+def test_the_base_mapping_must_equal_what_was_read():
+    specs = [TensorSpec("a", (4,), np.dtype(np.float32), "a")]
+
+    def fill(arrays):
+        arrays["a"][...] = 1
+
+    with pytest.raises(ArtifactError, match="changed while the engine loaded it"):
+        TaskPool(specs, fill, 1, map_base=lambda: {"a": np.zeros(4, np.float32)})
 
 
 def _wait_for(condition, seconds: float = 5.0) -> None:
@@ -123,13 +200,13 @@ def _wait_for(condition, seconds: float = 5.0) -> None:
 
 
 def test_acquire_waiting_when_the_pool_closes_gets_input_error():
-    pool, _, _, _ = _setup(1)
-    held = pool.acquire("t0")  # the only buffer: the next acquire waits
+    pool, _, masks, _ = _setup(1)
+    held = pool.acquire("t0", _zeros(masks, "t0"))  # the only buffer: the next acquire waits
     errors: list[BaseException] = []
 
     def waiter():
         try:
-            pool.release(pool.acquire("t1"))
+            pool.release(pool.acquire("t1", _zeros(masks, "t1")))
         except BaseException as exc:  # noqa: BLE001 - checked below
             errors.append(exc)
 
@@ -148,21 +225,11 @@ def test_acquire_waiting_when_the_pool_closes_gets_input_error():
     assert len(errors) == 1 and isinstance(errors[0], InputError) and "closed" in str(errors[0]), errors
 
 
-def test_add_and_acquire_after_close_are_input_errors():
-    pool, _, _, _ = _setup(1)
+def test_acquire_after_close_is_an_input_error_and_capacity_is_checked():
+    pool, _, masks, _ = _setup(1)
     pool.close()
     with pytest.raises(InputError, match="closed"):
-        pool.add("late", {k: np.zeros(0, np.int64) for k in SHAPES})
-    with pytest.raises(InputError, match="closed"):
-        pool.acquire("t0")
-
-
-def test_unknown_task_duplicate_task_and_bad_capacity():
-    pool, _, _, _ = _setup(1)
-    with pytest.raises(UnknownTaskError, match="available: t0, t1, t2"):
-        pool.acquire("nope")
-    with pytest.raises(InputError, match="already loaded"):
-        pool.add("t0", {k: np.zeros(0, np.int64) for k in SHAPES})
+        pool.acquire("t0", _zeros(masks, "t0"))
     with pytest.raises(InputError, match="cache_tasks=0"):
         TaskPool([], lambda arrays: None, 0)
 
@@ -175,3 +242,27 @@ def test_stored_indices_follow_a_transposed_layout(shape, perm):
     spec = TensorSpec("w", stored_shape, np.dtype(np.float32), "w", perm)
     expected = np.flatnonzero(~(np.transpose(keep, perm) if perm else keep))
     np.testing.assert_array_equal(spec.stored_indices(np.flatnonzero(~keep)), expected)
+
+
+def test_a_decode_failing_midway_resets_the_buffer_to_the_base_values():
+    """Zero indices may be decoded lazily, tensor by tensor, during the rewrite: a failure half-way
+    leaves the buffer holding the plain base values, never a mix of two tasks."""
+    pool, base, masks, _ = _setup(1)
+    with _lease(pool, masks, "t0"):
+        pass
+    good = _zeros(masks, "t1")()
+
+    class Failing(dict):
+        def __getitem__(self, key):
+            if key == "c":
+                raise ArtifactError("t1: mask 'c' is damaged")
+            return good[key]
+
+    with pytest.raises(ArtifactError, match="damaged"):
+        pool.acquire("t1", lambda: Failing(good))
+    assert pool.resident() == []
+    with pool.lease(BASE, None) as lease:
+        for key, array in lease.arrays.items():
+            np.testing.assert_array_equal(array, base[key])
+    with _lease(pool, masks, "t1") as lease:
+        _check(lease, base, masks)

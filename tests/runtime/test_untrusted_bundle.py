@@ -42,9 +42,12 @@ def copy(onnx_bundle, tmp_path):
     return make
 
 
-def _error(root) -> str:
+def _error(root, task: str | None = None) -> str:
+    """The one-line error of loading the bundle (and of switching to `task`: tasks are read at first use)."""
     with pytest.raises(ArtifactError) as info:
-        Engine.load(root, threads=1)
+        with Engine.load(root, threads=1) as engine:
+            if task is not None:
+                engine.switch(task)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -103,7 +106,7 @@ def test_a_task_file_listed_under_another_name_is_refused(copy):
     doc = json.loads((root / "manifest.json").read_text())
     doc["checksums"] = {k: v.to_json() for k, v in record_files(root).items()}  # consistent hashes
     (root / "manifest.json").write_text(json.dumps(doc))
-    assert "holds task 'alpha', but the bundle lists it as 'beta'" in _error(root)
+    assert "holds task 'alpha', but the bundle lists it as 'beta'" in _error(root, "beta")
 
 
 def test_another_exports_base_graph_is_caught_by_its_hash(copy, onnx_bundle):

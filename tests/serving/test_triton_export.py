@@ -101,3 +101,20 @@ def test_served_repository_answers_match_the_folded_models(repo, images, engine)
         session = ort.InferenceSession(str(repo / task / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
         logits = session.run(None, {"image": batch})[0]
         np.testing.assert_allclose(logits, engine.predict(batch, task=task).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_name", "../x", "model name '../x' must be 1-128 letters, digits, '_', '.', '-'"),
+    ("top_k", 0, "top-k 0 must be an integer >= 1"),
+    ("max_batch", 0, "max batch 0 must be an integer >= 1"),
+    ("instances", 0, "instances 0 must be an integer >= 1"),
+])
+def test_serving_config_names_a_bad_value(field, value, message):
+    from dataclasses import replace
+
+    from rmt_deploy.errors import InputError
+    from rmt_deploy.serving.triton_repo import ServingConfig
+
+    with pytest.raises(InputError) as caught:
+        replace(ServingConfig(), **{field: value}).validate()
+    assert str(caught.value) == message

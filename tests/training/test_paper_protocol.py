@@ -85,9 +85,40 @@ def test_the_default_plan_is_the_papers_whole_protocol(tmp_path, capsys):
     run = _load("run")
     assert run.main(["--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    few, b2n, dg = (sum(line.startswith(p) for line in lines) for p in ("few_shot", "base_to_new", "domain"))
-    assert (few, b2n, dg) == (5 * 3 * 11, 5 * 3 * 11, 3 * 4) and all(line.endswith("to run") for line in lines)
+    few, b2n, dg, both = (sum(line.startswith(p) for line in lines)
+                          for p in ("few_shot", "base_to_new", "domain", "combined"))
+    assert (few, b2n, dg, both) == (5 * 3 * 11, 5 * 3 * 11, 3 * 4, 2 * 3 * 11)
+    assert all(line.endswith("to run") for line in lines)
     assert "domain imagenet -> imagenet_r 16-shot seed 3: to run" in lines
+    assert "combined coop + dtd 16-shot seed 1: to run" in lines
+    assert "combined tip-adapter + ucf101 16-shot seed 3: to run" in lines
+
+
+def test_combined_cells_train_each_head_and_tabulate_beside_the_published_average(tiny_checkpoint, two_datasets,
+                                                                                    tmp_path):
+    run = _load("run")
+    args = _args(tiny_checkpoint, two_datasets, tmp_path, "--protocols", "few_shot", "combined", "--datasets", "dtd",
+                 "--shots", "1", "--combined-shots", "1", "--seeds", "1")
+    assert run.main(args) == 0
+    for head in ("coop", "tip-adapter"):
+        metrics = json.loads((tmp_path / "combined" / head / "dtd" / "shots1" / "seed1" / "metrics.json").read_text())
+        assert metrics["head"] == head
+    summary = json.loads((tmp_path / "summary.json").read_text())["combined"]
+    row = summary["tip-adapter"]["datasets"]["dtd"]
+    assert row["combined"]["seeds"] == 1 and row["rmt"]["seeds"] == 1
+    assert row["method_paper"] is None  # published per-dataset columns are 16-shot figures
+    assert summary["coop"]["average"]["combined_paper"] is None  # one dataset: not comparable to the 11-dataset 83.16
+    text = (tmp_path / "table.md").read_text()
+    assert "## R-AMT + coop head" in text and "## R-AMT + tip-adapter head" in text
+
+
+def test_published_combined_averages_are_the_papers():
+    published = _load("published")
+    assert published.PUBLISHED_COMBINED_AVERAGE == {"coop": 83.16, "tip-adapter": 84.37}
+    rows = published.PUBLISHED_16_SHOT.values()
+    for head, average in (("coop", 79.90), ("tip-adapter", 81.24)):
+        column = published.METHOD_ALONE_COLUMN[head]
+        assert sum(r[column] for r in rows) / 11 == pytest.approx(average, abs=0.01)
 
 
 def test_base_to_new_trains_on_base_and_scores_new_with_a_text_head(tiny_checkpoint, tmp_path, capsys):

@@ -1,0 +1,151 @@
+"""Adding tasks to a bundle and removing them, without a re-export (numpy only).
+
+    add_tasks("bundle/", ["dtd.rmtask"])      # fingerprint, activation and masks checked first
+    remove_tasks("bundle/", ["eurosat"])
+
+The manifest is the commit point: a new task file is copied in under a hidden temporary
+name, checked from that copy, renamed into place, and only then listed in the manifest
+(written atomically); removed tasks leave the manifest first and their files after.
+A crash leaves the old or the new bundle, never a half-edited one. One editor at a time
+(an exclusive lock on the bundle's `.lock` file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from rmt_deploy.bundle import TASKS_DIR, Bundle
+from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
+from rmt_deploy.integrity import REBUILD, FileRecord, read_verified
+from rmt_deploy.runtime.tasks import decode_zeros, read_compact
+from rmt_deploy.taskpack import MAX_TASK_FILE_BYTES, SUFFIX
+
+__all__ = ["add_tasks", "remove_tasks"]
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def _edit_lock(root: Path) -> Iterator[None]:
+    try:
+        handle = open(root / LOCK_FILE, "a")
+    except OSError as exc:
+        raise InputError(f"{root}: cannot edit this bundle ({exc.strerror}); check its permissions") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{root}: another `rmt-deploy bundle` command is editing this bundle; "
+                             "retry when it has finished") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _editable(root: str | os.PathLike) -> Bundle:
+    bundle = Bundle.open(root)
+    if not bundle.verified:
+        raise ArtifactError(f"{bundle.root}: this rmt-deploy 0.1 bundle records no file hashes and cannot be "
+                            f"edited; {REBUILD}")
+    return bundle
+
+
+def _stage_copy(bundle: Bundle, source: Path) -> tuple[Path, str, FileRecord]:
+    """Copy a task file into the bundle under a hidden name and check the copy; (temp path, name, record)."""
+    data = read_verified(source, None, MAX_TASK_FILE_BYTES)
+    fd, tmp = tempfile.mkstemp(prefix=".add-", suffix=SUFFIX, dir=bundle.root / TASKS_DIR)
+    staged = Path(tmp)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(staged, 0o644)
+        manifest = bundle.manifest
+        shapes = {t.name: tuple(t.shape) for t in manifest.masked_tensors}
+        task = read_compact(staged, manifest.fingerprint, shapes, manifest.embed_dim,
+                            FileRecord(len(data), hashlib.sha256(data).hexdigest()),
+                            quick_gelu=manifest.quick_gelu)
+        decode_zeros(task.blobs, shapes)  # every mask decodes: a damaged blob fails here, not in serving
+    except BaseException as exc:
+        staged.unlink(missing_ok=True)
+        if isinstance(exc, RmtError) and str(staged) in str(exc):  # name the user's file, not our copy
+            raise type(exc)(str(exc).replace(str(staged), str(source))) from None
+        raise
+    return staged, task.head.name, FileRecord(len(data), hashlib.sha256(data).hexdigest())
+
+
+def add_tasks(root: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> list[str]:
+    """Copy .rmtask files into a bundle and list them in its manifest; returns the names added."""
+    bundle = _editable(root)
+    with _edit_lock(bundle.root):
+        bundle = _editable(root)  # as it is now that no one else edits it
+        (bundle.root / TASKS_DIR).mkdir(exist_ok=True)
+        staged: list[tuple[Path, str, FileRecord]] = []
+        placed: list[Path] = []
+        try:
+            for source in sources:
+                staged.append(_stage_copy(bundle, Path(source)))
+                _check_new_name(bundle, staged[-1][1], [s[1] for s in staged[:-1]], Path(source))
+            checksums = dict(bundle.manifest.checksums)
+            for tmp, name, record in staged:
+                relative = bundle.task_relative(name)
+                os.replace(tmp, bundle.root / relative)
+                placed.append(bundle.root / relative)
+                checksums[relative] = record
+            names = [name for _, name, _ in staged]
+            manifest = dataclasses.replace(bundle.manifest, tasks=bundle.manifest.tasks + names,
+                                           checksums=checksums)
+            Bundle(bundle.root, manifest).write_manifest()
+        except BaseException:
+            for tmp, _, _ in staged:
+                tmp.unlink(missing_ok=True)
+            for path in placed:  # not listed by the manifest: take them back out
+                path.unlink(missing_ok=True)
+            raise
+    return names
+
+
+def _check_new_name(bundle: Bundle, name: str, earlier: list[str], source: Path) -> None:
+    if name in bundle.manifest.tasks:
+        raise InputError(f"{source}: the bundle already has a task {name!r}; remove it first with "
+                         f"`rmt-deploy bundle remove {bundle.root} {name}`")
+    if name in earlier:
+        raise InputError(f"{source}: task {name!r} is given twice; add each task once")
+
+
+def remove_tasks(root: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Unlist tasks from a bundle's manifest, then delete their files (task packs and folded models)."""
+    bundle = _editable(root)
+    with _edit_lock(bundle.root):
+        bundle = _editable(root)
+        manifest = bundle.manifest
+        for name in names:
+            if name not in manifest.tasks:
+                raise UnknownTaskError(f"task {name!r} not in bundle {bundle.root} "
+                                       f"(available: {', '.join(manifest.tasks) or 'none'})")
+        gone = set(names)
+        files = {backend: _without_folded(entry, gone) for backend, entry in manifest.files.items()}
+        doomed = [bundle.task_relative(n) for n in gone]
+        doomed += [path for entry in manifest.files.values() for task, path in entry.get("folded", {}).items()
+                   if task in gone]
+        checksums = {rel: rec for rel, rec in manifest.checksums.items() if rel not in doomed}
+        kept = [t for t in manifest.tasks if t not in gone]
+        Bundle(bundle.root, dataclasses.replace(manifest, tasks=kept, files=files, checksums=checksums)
+               ).write_manifest()
+        for relative in doomed:
+            (bundle.root / relative).unlink(missing_ok=True)
+    return list(names)
+
+
+def _without_folded(entry: dict, gone: set[str]) -> dict:
+    if "folded" not in entry:
+        return entry
+    return {**entry, "folded": {task: path for task, path in entry["folded"].items() if task not in gone}}
