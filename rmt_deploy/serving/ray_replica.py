@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from rmt_deploy.errors import InternalError, RmtError
-from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.serving import protocol
 from rmt_deploy.serving.ray_config import RayServeConfig
 
@@ -39,7 +38,6 @@ class TaskReplica:
         self._config = cfg = RayServeConfig.from_dict(config)
         self._engine = Engine.load(cfg.bundle, backend=cfg.backend, device=cfg.device,
                                    cache_tasks=cfg.cache_tasks, threads=cfg.threads)
-        self._transform = ImageTransform.from_config(self._engine.bundle.manifest.preprocess)
         self._multiplexed = cfg.routing == "multiplexed"
         context = serve.get_replica_context()
         self._replica = context.replica_id.unique_id
@@ -97,13 +95,11 @@ class TaskReplica:
         return reply
 
     def _predict(self, task: str, images: list[np.ndarray], embedding: bool) -> dict[str, np.ndarray]:
-        """As the Triton model does: preprocess once, predict, the embedding (a second run) only when asked."""
-        batch = to_batch(images, self._transform)
-        prediction = self._engine.predict(batch, task=task)
+        """As the Triton model does: one engine run, its embeddings kept (sent only when asked for)."""
+        prediction = self._engine.predict(images, task=task)
         if prediction.task != task:
             raise InternalError(f"engine answered task {prediction.task!r} for {task!r}")
-        embeddings = self._engine.embed(batch, task) if embedding else None
-        return protocol.encode_outputs(prediction, self._config.top_k, embeddings)
+        return protocol.encode_outputs(prediction, self._config.top_k, prediction.embeddings if embedding else None)
 
     def describe(self) -> dict[str, Any]:
         """What the ingress needs for metadata: tasks, embedding size, top-k."""
