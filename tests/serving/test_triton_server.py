@@ -213,15 +213,17 @@ def test_metrics_count_requests_per_task_and_pool_hits_and_misses(server, images
 
 
 def test_sigterm_finishes_the_requests_in_flight_and_exits_0(serve_bundle, references, images, clients, launch):
-    """Requests waiting in the batcher's queue (0.8 s delay) when SIGTERM arrives are still answered; exit 0."""
+    """Requests waiting in the batcher's queue (2 s delay) when SIGTERM arrives are still answered; exit 0."""
     import tritonclient.grpc as module
 
-    served = launch(serve_bundle, "--max-queue-delay-us", "800000", "--max-batch", "64")
+    served = launch(serve_bundle, "--max-queue-delay-us", "2000000", "--max-batch", "64")
     answers: dict[int, object] = {}
+    sending = [threading.Event() for _ in range(12)]
 
     def one(i: int) -> None:
         client = module.InferenceServerClient(served.grpc_url)
         try:
+            sending[i].set()
             task, j = list(clients.TASKS)[i % 4], i % len(images)
             got = clients.infer("grpc", client, clients.request(module, task, images[j]),
                                 outputs=("labels", "probs", "index"))
@@ -235,7 +237,9 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(serve_bundle, refer
     threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
     for thread in threads:
         thread.start()
-    time.sleep(0.4)  # every request is queued now, none answered yet
+    for event in sending:
+        event.wait(30)
+    time.sleep(0.5)  # every request is in the batcher's queue now (answered ~2 s after the first came)
     status = launch.stop(served)
     for thread in threads:
         thread.join(60)
