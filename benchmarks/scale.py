@@ -517,6 +517,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--part", default="all")
     parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--tag", default="", help="with --only: store these steps' results under vit_TAG")
     parser.add_argument("--only", default="", help="comma-separated steps to rerun: load,cold,switch,predict,"
                                                    "adapters,tiny (others are kept from results/scale.json)")
     args = parser.parse_args()
@@ -544,6 +545,10 @@ def run_steps(args: argparse.Namespace, own: bool) -> None:
                          "python": platform.python_version()}
     vit, tiny = result["vit"], result["tiny"]
     vit["prepared"] = prepare(work, args.model, args.tasks, folded=True)
+    if args.tag:  # the same steps under another environment (e.g. numpy 2): kept beside, not instead
+        vit = result.setdefault(f"vit_{args.tag}", {"prepared": vit["prepared"]})
+        tiny = result.setdefault(f"tiny_{args.tag}", {})
+        vit["numpy"] = np.__version__
     steps = {
         "load": lambda: vit.update(load=measure_load(work, threads)),
         "cold": lambda: vit.update(cold=sub("cold-rss", args, "--count", str(min(800, args.tasks - 1)))),
@@ -558,7 +563,11 @@ def run_steps(args: argparse.Namespace, own: bool) -> None:
     for name in (args.only.split(",") if args.only else steps):
         steps[name]()
         print(name, json.dumps(vit.get(name, tiny if name == "tiny" else None))[:2000], flush=True)
+    result["numpy"] = result.get("numpy") if args.tag else np.__version__
     result["summary"] = summary(result)
+    for key in [k for k in result if k.startswith("vit_") and "switch" in result[k]]:
+        result["summary"][f"switch_p50_vs_floor_{key[4:]}"] = result[key]["switch"]["switch_p50_vs_floor"]
+        result["summary"][f"naive_vs_warm_{key[4:]}"] = result[key]["switch"]["naive_vs_warm"]
     result["targets"] = TARGETS
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
