@@ -123,9 +123,9 @@ def report(result: dict) -> str:
         mark = "ok" if ratio <= TARGET else "MISS"
         lines.append(f"{'batch ' + batch:<22}" + "".join(f"{row[k]:>14.2f}" for k in KINDS)
                      + f"{ratio:>14.3f}  <= {TARGET} {mark}")
-    lines.append("(ratio: median over rounds of tip-adapter / zeroshot, each round in a new order; coop / zeroshot, "
-                 "the same math, is the noise: " + ", ".join(f"batch {b} {r:.3f}" for b, r in result["noise_ratio"].items())
-                 + ")")
+    noise = ", ".join(f"batch {b} {r:.3f}" for b, r in result["noise_ratio"].items())
+    lines.append("(ratio: median over rounds of tip-adapter / zeroshot, each round in a new order; "
+                 f"coop / zeroshot, the same math, is the noise: {noise})")
     lines.append("")
     lines.append(f"{'head alone median ms':<22}" + "".join(f"{k:>14}" for k in KINDS))
     for batch, row in result["head_only_ms"].items():
