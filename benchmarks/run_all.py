@@ -1,6 +1,6 @@
 """Run every large-model benchmark in turn (ViT-B-16, CPU); each writes benchmarks/results/.
 
-    .venv/bin/python benchmarks/run_all.py [--only codec,export,train,runtime,bench]
+    .venv/bin/python benchmarks/run_all.py [--only codec,export,train,runtime,bench,heads]
 
 Run them on a quiet machine: they take tens of minutes on 2 cores.
 """
@@ -19,6 +19,7 @@ SCRIPTS = {
     "train": ["train_step.py"],
     "runtime": ["runtime.py"],
     "bench": ["bench_bundle.py"],
+    "heads": ["heads.py"],
 }
 
 

@@ -65,7 +65,7 @@ class Cache:
             raise InputError("tip-adapter cache keys hold NaN or Inf values: rebuild the cache")
         labels = labels.astype(np.int64)
         check_labels(labels, classes)
-        return cls(np.ascontiguousarray(keys, dtype=np.float16), labels, alpha, beta)
+        return cls(np.array(keys, dtype=np.float16), labels, alpha, beta)  # a copy: never a view of a file
 
     @property
     def nbytes(self) -> int:

@@ -140,7 +140,7 @@ class _Run:
         head = class_head(base, self.data.class_names, self.template, dist.device)
         logit_scale = float(base.model.logit_scale.detach().exp())
         self.model = MaskedCLIP(base.model, tensors, head, logit_scale, cfg.threshold, cfg.score_init)
-        self.text_head = head  # the class prompts' features: the zero-shot baseline's head
+        self.text_head = head.clone()  # the class prompts' features (the buffer below may share memory)
         self.optimizer = torch.optim.Adam([self.model.flat_scores], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.prompt, self.prompt_optimizer, self.cache, self.search = None, None, None, None

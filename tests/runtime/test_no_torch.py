@@ -20,7 +20,7 @@ MODULES = ["rmt_deploy.preprocess", "rmt_deploy.runtime.engine", "rmt_deploy.run
            "rmt_deploy.runtime.backends.tensorrt", "rmt_deploy.tensorrt_files", "rmt_deploy.bundle",
            "rmt_deploy.manifest", "rmt_deploy.integrity", "rmt_deploy.safetensors_header", "rmt_deploy.taskpack",
            "rmt_deploy.masks", "rmt_deploy.inspect_task", "rmt_deploy.runtime.taskstore", "rmt_deploy.bundle_tasks",
-           "rmt_deploy.bundle_cli", "rmt_deploy.inspect_bundle"]
+           "rmt_deploy.bundle_cli", "rmt_deploy.inspect_bundle", "rmt_deploy.heads"]
 
 
 def _run(code: str, block_heavy: bool = True) -> subprocess.CompletedProcess:
