@@ -175,7 +175,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     bundle = prepare(args.model, args.zeros, work)
 
-    results = {"model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared; busy)",
+    results = {"model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average "
+                                               f"{os.getloadavg()[0]:.1f} at the end",
                "settings": {"cache_tasks": 4, "max_batch": 32, "max_queue_delay_us": args.max_queue_delay_us,
                             "image": "224x224 uint8, one per request", "requests_per_client": plan,
                             "serve_args": args.serve_args},
