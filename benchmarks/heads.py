@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from random_tasks import random_base, random_masks, random_pack, unit_rows  # benchmarks/random_tasks.py
+
 RESULTS = Path(__file__).parent / "results"
 CLASSES, SHOTS, ZEROS = 47, 16, 0.025
 KINDS = ("zeroshot", "coop", "tip-adapter")
@@ -33,38 +35,23 @@ def prepare(model_name: str, work: Path) -> Path:
     bundle = work / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
-    import torch
-
     from rmt_deploy.export import ExportConfig, export_bundle
     from rmt_deploy.heads import Cache
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
-    from rmt_deploy.taskpack import TaskPack
 
-    torch.manual_seed(0)
-    base = load_base(model_name, None)
-    checkpoint = save_checkpoint(base.model, work / "base.safetensors")
-    tensors = maskable_tensors(base.model)
+    base = random_base(model_name, work)
     rng = np.random.default_rng(0)
-    masks = {n: rng.random(tuple(t.shape)) >= ZEROS for n, t in tensors.items()}
-    dim = base.model.visual.output_dim
+    masks = random_masks(rng, base.shapes, ZEROS)
+    dim = base.embed_dim
     paths = []
     for kind in KINDS:
-        head = _unit(rng, CLASSES, dim)
         cache = None
         if kind == "tip-adapter":
-            cache = Cache.build(_unit(rng, CLASSES * SHOTS, dim), np.repeat(np.arange(CLASSES), SHOTS), 1.17, 5.5,
+            cache = Cache.build(unit_rows(rng, CLASSES * SHOTS, dim), np.repeat(np.arange(CLASSES), SHOTS), 1.17, 5.5,
                                 CLASSES, dim)
-        pack = TaskPack(name=kind, class_names=[f"class {i}" for i in range(CLASSES)], head=head, masks=masks,
-                        base_fingerprint=fingerprint(model_name, tensors), model_name=model_name,
-                        head_kind=kind, cache=cache)
+        pack = random_pack(base, kind, rng, ZEROS, CLASSES, masks=masks, head_kind=kind, cache=cache)
         paths.append(pack.save(work / f"{kind}.rmtask"))
-    export_bundle(ExportConfig(model_name, str(checkpoint), paths, bundle, mode="shared"), progress=True)
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), paths, bundle, mode="shared"), progress=True)
     return bundle
-
-
-def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _serving_head(path: Path):
@@ -109,7 +96,7 @@ def measure(bundle: Path, repeats: int, threads: int | None) -> dict:
             out["noise_ratio"][str(batch)] = float(np.median(np.array(runs["coop"]) / zeroshot))  # same math
             out["min_ms"][str(batch)] = {kind: float(np.min(v)) for kind, v in runs.items()}
             out["min_ratio"][str(batch)] = float(np.min(runs["tip-adapter"]) / np.min(zeroshot))
-            embeddings = _unit(rng, batch, heads["zeroshot"].head.shape[1])
+            embeddings = unit_rows(rng, batch, heads["zeroshot"].head.shape[1])
             out["head_only_ms"][str(batch)] = {
                 kind: _median_ms(lambda: heads[kind].logits(embeddings), 200) for kind in KINDS}
         out["head_bytes"] = {kind: heads[kind].nbytes for kind in KINDS}

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from random_tasks import random_base, random_pack  # benchmarks/random_tasks.py
+
 RESULTS = Path(__file__).parent / "results"
 TASKS = [f"task{i}" for i in range(8)]
 WORKLOADS = {"4 tasks": TASKS[:4], "8 tasks": TASKS}  # 2 replicas x cache_tasks 2 = 4 resident slots
@@ -39,27 +41,12 @@ def prepare(model_name: str, zeros: float, work: Path) -> Path:
     bundle = work / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
-    import torch
-
     from rmt_deploy.export import ExportConfig, export_bundle
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
-    from rmt_deploy.taskpack import TaskPack
 
-    torch.manual_seed(0)
-    base = load_base(model_name, None)
-    checkpoint = save_checkpoint(base.model, work / "base.safetensors")
-    tensors = maskable_tensors(base.model)
-    base_fp, dim = fingerprint(model_name, tensors), base.model.visual.output_dim
-    paths = []
-    for index, name in enumerate(TASKS):
-        rng = np.random.default_rng(index)
-        head = rng.standard_normal((10, dim)).astype(np.float32)
-        head /= np.linalg.norm(head, axis=1, keepdims=True)
-        pack = TaskPack(name=name, class_names=[f"c{i}" for i in range(10)], head=head,
-                        masks={n: rng.random(tuple(t.shape)) >= zeros for n, t in tensors.items()},
-                        base_fingerprint=base_fp, model_name=model_name)
-        paths.append(pack.save(work / f"{name}.rmtask"))
-    export_bundle(ExportConfig(model_name, str(checkpoint), paths, bundle, mode="shared", max_batch=8,
+    base = random_base(model_name, work)
+    paths = [random_pack(base, name, np.random.default_rng(index), zeros, 10).save(work / f"{name}.rmtask")
+             for index, name in enumerate(TASKS)]
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), paths, bundle, mode="shared", max_batch=8,
                                verify=False), progress=False)
     return bundle
 

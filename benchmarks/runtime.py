@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from random_tasks import random_base, random_pack  # benchmarks/random_tasks.py
 from rmt_deploy.bench.memory import peak_rss_mb
 from rmt_deploy.bench.sessions import folded_session
 
@@ -41,28 +42,13 @@ def prepare(model_name: str, zeros: float, work: Path) -> Path:
     bundle = work / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
-    import torch
-
     from rmt_deploy.export import ExportConfig, export_bundle
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
-    from rmt_deploy.taskpack import TaskPack
 
-    torch.manual_seed(0)
-    base = load_base(model_name, None)
-    checkpoint = save_checkpoint(base.model, work / "base.safetensors")
-    tensors = maskable_tensors(base.model)
-    base_fp = fingerprint(model_name, tensors)
-    embed_dim = base.model.visual.output_dim
+    base = random_base(model_name, work)
     (work / "tasks").mkdir(exist_ok=True)
     for index, name in enumerate(TASKS):
-        rng = np.random.default_rng(index)
-        masks = {n: rng.random(tuple(t.shape)) >= zeros for n, t in tensors.items()}
-        head = rng.standard_normal((10 + index, embed_dim)).astype(np.float32)
-        head /= np.linalg.norm(head, axis=1, keepdims=True)
-        TaskPack(name=name, class_names=[f"c{i}" for i in range(10 + index)], head=head, masks=masks,
-                 base_fingerprint=base_fp, model_name=model_name).save(work / "tasks" / f"{name}.rmtask")
-    del base
-    export_bundle(ExportConfig(model_name, str(checkpoint), [work / "tasks" / f"{t}.rmtask" for t in EXPORTED],
+        random_pack(base, name, np.random.default_rng(index), zeros, 10 + index).save(work / "tasks" / f"{name}.rmtask")
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), [work / "tasks" / f"{t}.rmtask" for t in EXPORTED],
                                bundle, mode="both", max_batch=8, verify=False), progress=False)
     return bundle
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from random_tasks import RandomBase, random_base, random_pack  # benchmarks/random_tasks.py
+
 RESULTS = Path(__file__).parent / "results"
 ZEROS = 0.025
 CLASSES = 47  # DTD's class count
@@ -66,18 +68,9 @@ def images(batch: int, size: tuple[int, int]) -> np.ndarray:
     return np.random.default_rng(batch).standard_normal((batch, 3, *size)).astype(np.float32)
 
 
-def synthetic_pack(name: str, seed: int, shapes: dict[str, tuple[int, ...]], fingerprint: str, model: str,
-                   embed_dim: int, classes: int = CLASSES):
+def synthetic_pack(base: RandomBase, name: str, seed: int, classes: int = CLASSES):
     """A random task through the project's own TaskPack API (masks at ZEROS, a unit-norm head)."""
-    from rmt_deploy.taskpack import TaskPack
-
-    rng = np.random.default_rng(seed)
-    threshold = int(ZEROS * 65536)
-    masks = {n: rng.integers(0, 1 << 16, s, dtype=np.uint16) >= threshold for n, s in shapes.items()}
-    head = rng.standard_normal((classes, embed_dim)).astype(np.float32)
-    head /= np.linalg.norm(head, axis=1, keepdims=True)
-    return TaskPack(name=name, class_names=[f"c{i}" for i in range(classes)], head=head, masks=masks,
-                    base_fingerprint=fingerprint, model_name=model)
+    return random_pack(base, name, np.random.default_rng(seed), ZEROS, classes)
 
 
 def sub(part: str, args: argparse.Namespace, *extra: str) -> dict:
@@ -96,26 +89,17 @@ def prepare(work: Path, model_name: str, tasks: int, folded: bool) -> dict:
     info_path = work / "prepared.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    import torch
-
     from rmt_deploy.bundle_tasks import add_tasks
     from rmt_deploy.export import ExportConfig, export_bundle
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
 
-    torch.manual_seed(0)
-    base = load_base(model_name, None)
-    checkpoint = save_checkpoint(base.model, work / "base.safetensors")
-    tensors = maskable_tensors(base.model)
-    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    meta = (fingerprint(model_name, tensors), model_name, base.model.visual.output_dim)
-    del base, tensors
+    base = random_base(model_name, work)
     packs = work / "packs"
     packs.mkdir(exist_ok=True)
-    first = synthetic_pack("task0", 0, shapes, *meta).save(packs / "task0.rmtask")
-    export_bundle(ExportConfig(model_name, str(checkpoint), [first], one, mode="both" if folded else "shared",
+    first = synthetic_pack(base, "task0", 0).save(packs / "task0.rmtask")
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), [first], one, mode="both" if folded else "shared",
                                max_batch=8, verify=False), progress=False)
     start = time.perf_counter()
-    paths = [synthetic_pack(f"task{i}", i, shapes, *meta).save(packs / f"task{i}.rmtask") for i in range(1, tasks)]
+    paths = [synthetic_pack(base, f"task{i}", i).save(packs / f"task{i}.rmtask") for i in range(1, tasks)]
     make_s = time.perf_counter() - start
     shutil.copytree(one, many)
     start = time.perf_counter()
@@ -413,30 +397,22 @@ def prepare_tiny(work: Path, tasks: int) -> dict:
     info_path = work / "tiny.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    import torch
-
     from rmt_deploy.bundle_tasks import add_tasks, remove_tasks
     from rmt_deploy.export import ExportConfig, export_bundle
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
 
-    torch.manual_seed(0)
     model_name = "rmt-tiny-vit"
-    base = load_base(model_name, None)
-    checkpoint = save_checkpoint(base.model, work / "tiny.safetensors")
-    tensors = maskable_tensors(base.model)
-    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    meta = (fingerprint(model_name, tensors), model_name, base.model.visual.output_dim)
+    base = random_base(model_name, work, checkpoint="tiny.safetensors")
     packs = work / "tiny-packs"
     packs.mkdir(exist_ok=True)
-    first = synthetic_pack("t0", 0, shapes, *meta, classes=5).save(packs / "t0.rmtask")
-    export_bundle(ExportConfig(model_name, str(checkpoint), [first], root, mode="shared", max_batch=8,
+    first = synthetic_pack(base, "t0", 0, classes=5).save(packs / "t0.rmtask")
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), [first], root, mode="shared", max_batch=8,
                                verify=False), progress=False)
-    paths = [synthetic_pack(f"t{i}", i, shapes, *meta, classes=5).save(packs / f"t{i}.rmtask")
+    paths = [synthetic_pack(base, f"t{i}", i, classes=5).save(packs / f"t{i}.rmtask")
              for i in range(1, tasks)]
     start = time.perf_counter()
     add_tasks(root, paths)
     add_rate = (tasks - 1) / (time.perf_counter() - start)
-    extra = [synthetic_pack(f"x{i}", 10**6 + i, shapes, *meta, classes=5).save(packs / f"x{i}.rmtask")
+    extra = [synthetic_pack(base, f"x{i}", 10**6 + i, classes=5).save(packs / f"x{i}.rmtask")
              for i in range(200)]
     start = time.perf_counter()
     add_tasks(root, extra)

@@ -29,33 +29,21 @@ TASKS = [f"task{i}" for i in range(4)]
 TARGETS = {"server_vs_inprocess_c8": 0.9, "four_vs_one_task": 0.85}
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests" / "serving"))
 
+from random_tasks import random_base, random_pack  # noqa: E402  (benchmarks/random_tasks.py)
+
 
 def prepare(model_name: str, zeros: float, work: Path) -> Path:
     """Seeded random checkpoint, 4 task packs, a shared bundle (max batch 32)."""
     bundle = work / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
-    import torch
-
     from rmt_deploy.export import ExportConfig, export_bundle
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
-    from rmt_deploy.taskpack import TaskPack
 
-    torch.manual_seed(0)
-    base = load_base(model_name, None)
-    checkpoint = save_checkpoint(base.model, work / "base.safetensors")
-    tensors = maskable_tensors(base.model)
-    base_fp, embed_dim = fingerprint(model_name, tensors), base.model.visual.output_dim
+    base = random_base(model_name, work)
     (work / "tasks").mkdir(exist_ok=True)
     for index, name in enumerate(TASKS):
-        rng = np.random.default_rng(index)
-        head = rng.standard_normal((10 + index, embed_dim)).astype(np.float32)
-        head /= np.linalg.norm(head, axis=1, keepdims=True)
-        TaskPack(name=name, class_names=[f"c{i}" for i in range(10 + index)], head=head,
-                 masks={n: rng.random(tuple(t.shape)) >= zeros for n, t in tensors.items()},
-                 base_fingerprint=base_fp, model_name=model_name).save(work / "tasks" / f"{name}.rmtask")
-    del base
-    export_bundle(ExportConfig(model_name, str(checkpoint), [work / "tasks" / f"{t}.rmtask" for t in TASKS],
+        random_pack(base, name, np.random.default_rng(index), zeros, 10 + index).save(work / "tasks" / f"{name}.rmtask")
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), [work / "tasks" / f"{t}.rmtask" for t in TASKS],
                                bundle, mode="shared", max_batch=32, verify=False), progress=False)
     return bundle
 

@@ -60,6 +60,7 @@ def _editable(root: str | os.PathLike) -> Bundle:
 def _stage_copy(bundle: Bundle, source: Path) -> tuple[Path, str, FileRecord]:
     """Copy a task file into the bundle under a hidden name and check the copy; (temp path, name, record)."""
     data = read_verified(source, None, MAX_TASK_FILE_BYTES)
+    record = FileRecord(len(data), hashlib.sha256(data).hexdigest())
     fd, tmp = tempfile.mkstemp(prefix=".add-", suffix=SUFFIX, dir=bundle.root / TASKS_DIR)
     staged = Path(tmp)
     try:
@@ -70,16 +71,15 @@ def _stage_copy(bundle: Bundle, source: Path) -> tuple[Path, str, FileRecord]:
         os.chmod(staged, 0o644)
         manifest = bundle.manifest
         shapes = {t.name: tuple(t.shape) for t in manifest.masked_tensors}
-        task = read_compact(staged, manifest.fingerprint, shapes, manifest.embed_dim,
-                            FileRecord(len(data), hashlib.sha256(data).hexdigest()),
-                            quick_gelu=manifest.quick_gelu)
+        task = read_compact(staged, manifest.fingerprint, shapes, manifest.embed_dim, record,
+                            quick_gelu=manifest.quick_gelu)  # the copy must hold the bytes read
         decode_zeros(task.blobs, shapes)  # every mask decodes: a damaged blob fails here, not in serving
     except BaseException as exc:
         staged.unlink(missing_ok=True)
         if isinstance(exc, RmtError) and str(staged) in str(exc):  # name the user's file, not our copy
             raise type(exc)(str(exc).replace(str(staged), str(source))) from None
         raise
-    return staged, task.head.name, FileRecord(len(data), hashlib.sha256(data).hexdigest())
+    return staged, task.head.name, record
 
 
 def add_tasks(root: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> list[str]:

@@ -5,9 +5,7 @@ renamed into place at the end, so an interrupted export leaves no bundle.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,12 +23,12 @@ from rmt_deploy.export import verify
 from rmt_deploy.export.report import ExportReport, TaskReport
 from rmt_deploy.fingerprint import short
 from rmt_deploy.heads import head_nbytes
+from rmt_deploy.staging import staged_folder
 from rmt_deploy.taskpack import SUFFIX, TaskPack
 
 BASE_ONNX = "base.onnx"
 BASE_WEIGHTS = "base_weights.safetensors"
 _SCRATCH_SHARED = ".shared.onnx"  # the shared graph, kept only while folding (mode "folded")
-_PARTIAL = ".partial-"
 _TOOLS = ("rmt-deploy", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "tensorrt")
 
 
@@ -68,7 +66,7 @@ def export_bundle(config: ExportConfig, progress: bool = True) -> ExportReport:
     try:
         with steps.step("loading base model"):
             base = _load_base(config, packs)
-        with _staging(config.out) as stage:
+        with staged_folder(config.out) as stage:
             _write_bundle(stage, base, config, steps, report, trt)
     finally:
         steps.close()
@@ -261,49 +259,6 @@ def _copy_tasks(packs: list[TaskPack], paths: list[Path], stage: Path) -> None:
 
 
 # ---- output ----
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed onto it on success and removed on any failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}{os.getpid()}-", dir=out.parent))
-    try:
-        yield stage
-        _publish(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-def _publish(stage: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(stage, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    os.rename(out, old)
-    os.rename(stage, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove staging directories left by exports to `out` whose process is gone (e.g. killed)."""
-    for path in out.parent.glob(f".{out.name}{_PARTIAL}*"):
-        pid = path.name[len(f".{out.name}{_PARTIAL}"):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _file_sizes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))

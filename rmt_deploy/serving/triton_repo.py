@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import InputError
 from rmt_deploy.serving import protocol
+from rmt_deploy.staging import staged_folder
 
 if TYPE_CHECKING:
     from rmt_deploy.export import ExportConfig
@@ -152,9 +152,7 @@ def export_repository(export: "ExportConfig", config: ServingConfig, progress: b
     out = Path(export.out)
     if out.exists() and not export.force:
         raise InputError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         folded = export.mode in ("folded", "both")
         bundle_dir = staging / config.model_name / "1" / "bundle"
         bundle_dir.parent.mkdir(parents=True)
@@ -163,10 +161,4 @@ def export_repository(export: "ExportConfig", config: ServingConfig, progress: b
         bundle = Bundle.open(bundle_dir)
         write_engine_model(staging, bundle, config)
         models = [config.model_name] + (write_folded_models(staging, bundle, config) if folded else [])
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-        return models
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return models

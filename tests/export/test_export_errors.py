@@ -128,7 +128,7 @@ def test_killed_export_leaves_no_bundle(task_files, tiny_checkpoint, tmp_path):
     assert not out.exists()
     assert _leftovers(tmp_path, "bundle"), "the killed export's staging directory should still be there"
 
-    from rmt_deploy.export.pipeline import _remove_stale
+    from rmt_deploy.staging import remove_stale as _remove_stale
 
     _remove_stale(out)  # the next export to this path clears what a dead process left
     assert _leftovers(tmp_path, "bundle") == []
