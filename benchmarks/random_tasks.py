@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,3 +58,21 @@ def random_pack(base: RandomBase, name: str, rng: np.random.Generator, zeros: fl
     masks = random_masks(rng, base.shapes, zeros) if masks is None else masks
     return TaskPack(name=name, class_names=[f"c{i}" for i in range(classes)], head=unit_rows(rng, classes, base.embed_dim),
                     masks=masks, base_fingerprint=base.fingerprint, model_name=base.model_name, **fields)
+
+
+def random_bundle(model_name: str, work: Path, names: list[str], zeros: float, classes: Callable[[int], int],
+                  exported: list[str] | None = None, **export: Any) -> Path:
+    """work/bundle (made once): a random base, one pack per name (seeded by its index) saved under
+    work/tasks, and the bundle exported with `exported` (default: all of them) and `export` options."""
+    bundle = work / "bundle"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    from rmt_deploy.export import ExportConfig, export_bundle
+
+    base = random_base(model_name, work)
+    (work / "tasks").mkdir(exist_ok=True)
+    paths = {name: random_pack(base, name, np.random.default_rng(index), zeros, classes(index))
+             .save(work / "tasks" / f"{name}.rmtask") for index, name in enumerate(names)}
+    export_bundle(ExportConfig(model_name, str(base.checkpoint), [paths[n] for n in exported or names], bundle,
+                               verify=False, **export), progress=False)
+    return bundle

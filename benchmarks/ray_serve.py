@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from random_tasks import random_base, random_pack  # benchmarks/random_tasks.py
+from random_tasks import random_bundle  # benchmarks/random_tasks.py
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = [f"task{i}" for i in range(8)]
@@ -38,17 +38,7 @@ ARMS = [("multiplexed", 1), ("multiplexed", 2), ("round_robin", 2)]
 
 def prepare(model_name: str, zeros: float, work: Path) -> Path:
     """Seeded random checkpoint, 8 task packs, a shared-mode bundle (needs torch; done once)."""
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    base = random_base(model_name, work)
-    paths = [random_pack(base, name, np.random.default_rng(index), zeros, 10).save(work / f"{name}.rmtask")
-             for index, name in enumerate(TASKS)]
-    export_bundle(ExportConfig(model_name, str(base.checkpoint), paths, bundle, mode="shared", max_batch=8,
-                               verify=False), progress=False)
-    return bundle
+    return random_bundle(model_name, work, TASKS, zeros, lambda i: 10, mode="shared", max_batch=8)
 
 
 def _body(task: str, image: np.ndarray) -> tuple[bytes, dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from random_tasks import random_base, random_pack  # benchmarks/random_tasks.py
+from random_tasks import random_bundle  # benchmarks/random_tasks.py
 from rmt_deploy.bench.memory import peak_rss_mb
 from rmt_deploy.bench.sessions import folded_session
 
@@ -39,18 +39,7 @@ TARGETS = {
 
 def prepare(model_name: str, zeros: float, work: Path) -> Path:
     """Seeded random checkpoint, 8 task packs, a bundle (shared + folded for two tasks)."""
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    base = random_base(model_name, work)
-    (work / "tasks").mkdir(exist_ok=True)
-    for index, name in enumerate(TASKS):
-        random_pack(base, name, np.random.default_rng(index), zeros, 10 + index).save(work / "tasks" / f"{name}.rmtask")
-    export_bundle(ExportConfig(model_name, str(base.checkpoint), [work / "tasks" / f"{t}.rmtask" for t in EXPORTED],
-                               bundle, mode="both", max_batch=8, verify=False), progress=False)
-    return bundle
+    return random_bundle(model_name, work, TASKS, zeros, lambda i: 10 + i, EXPORTED, mode="both", max_batch=8)
 
 
 # ---------------------------------------------------------------- measurements (no torch)

@@ -29,23 +29,12 @@ TASKS = [f"task{i}" for i in range(4)]
 TARGETS = {"server_vs_inprocess_c8": 0.9, "four_vs_one_task": 0.85}
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests" / "serving"))
 
-from random_tasks import random_base, random_pack  # noqa: E402  (benchmarks/random_tasks.py)
+from random_tasks import random_bundle  # noqa: E402  (benchmarks/random_tasks.py)
 
 
 def prepare(model_name: str, zeros: float, work: Path) -> Path:
     """Seeded random checkpoint, 4 task packs, a shared bundle (max batch 32)."""
-    bundle = work / "bundle"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    base = random_base(model_name, work)
-    (work / "tasks").mkdir(exist_ok=True)
-    for index, name in enumerate(TASKS):
-        random_pack(base, name, np.random.default_rng(index), zeros, 10 + index).save(work / "tasks" / f"{name}.rmtask")
-    export_bundle(ExportConfig(model_name, str(base.checkpoint), [work / "tasks" / f"{t}.rmtask" for t in TASKS],
-                               bundle, mode="shared", max_batch=32, verify=False), progress=False)
-    return bundle
+    return random_bundle(model_name, work, TASKS, zeros, lambda i: 10 + i, mode="shared", max_batch=32)
 
 
 def _images(n: int) -> list[np.ndarray]:
