@@ -153,9 +153,7 @@ class TaskPool:
                 self.stats.waits += 1
                 self._cond.wait()
             self.stats.misses += 1
-            old = (victim.task, victim.zeros, victim.restore)
-            victim.task, victim.ready, victim.refs = task, False, 1  # owned by this thread while rewritten
-            victim.generation += 1
+            old = self._claim(victim, task)
         try:
             new_zeros = NO_ZEROS if task == BASE else zeros()
             if task != BASE and set(new_zeros) != set(self.specs):
@@ -192,9 +190,7 @@ class TaskPool:
                 if slot.ready and slot.refs == 0:
                     break
                 self._cond.wait()
-            old_zeros, old_restore = slot.zeros, slot.restore
-            slot.task, slot.ready, slot.refs = BASE, False, 1
-            slot.generation += 1
+            _, old_zeros, old_restore = self._claim(slot, BASE)
         self._rewrite_or_reset(slot, old_zeros, old_restore, NO_ZEROS)
         self._finish(slot, BASE, NO_ZEROS, {})
         return True
@@ -278,6 +274,15 @@ class TaskPool:
                 array[...] = self.base[key]
             self._finish(slot, BASE, NO_ZEROS, {})
             raise
+
+    @staticmethod
+    def _claim(slot: _Slot, task: str) -> tuple[str, Zeros, dict[str, np.ndarray]]:
+        """Mark a free slot as being rewritten to `task` by this thread (call under the lock); returns
+        what it held."""
+        held = (slot.task, slot.zeros, slot.restore)
+        slot.task, slot.ready, slot.refs = task, False, 1
+        slot.generation += 1
+        return held
 
     def _finish(self, slot: _Slot, task: str, zeros: Zeros, restore: dict[str, np.ndarray],
                 bump: bool = True) -> None:
