@@ -111,9 +111,7 @@ class TaskStore:
         with entry.lock:
             zeros = entry.zeros
             if zeros is None:
-                if entry.compact is None:
-                    entry.compact = entry.read()
-                zeros = self._decode(entry.compact)
+                zeros = self._decode(self._compact_of(entry))
         with self._lock:
             if self._entries.get(name) is entry:
                 self._keep_warm(name, entry, zeros)
@@ -146,7 +144,10 @@ class TaskStore:
             return self._entries[self._known(name)]
 
     def _compact(self, name: str) -> CompactTask:
-        entry = self._entry(name)
+        return self._compact_of(self._entry(name))
+
+    @staticmethod
+    def _compact_of(entry: _Entry) -> CompactTask:
         if entry.compact is None:
             with entry.lock:  # concurrent first uses wait for one read; a failed read is retried next time
                 if entry.compact is None:
