@@ -241,6 +241,12 @@ def _remainders(stream: memoryview, m: int, k: int) -> np.ndarray:
     groups = (m + 7) // 8
     padded = np.zeros(groups * k + 8, np.uint8)
     padded[: len(stream)] = np.frombuffer(stream, np.uint8)
+    if k <= 8:  # a group's 8 values are the top 8k bits of the word at its first byte: one read per group
+        words = np.ndarray((groups,), ">u8", padded, 0, (k,)).astype(np.int64)
+        shifts = np.arange(64 - k, 63 - 8 * k, -k, dtype=np.int64)
+        values = (words[None, :] >> shifts[:, None]).T.copy()  # the long axis innermost: 2x faster
+        values &= (1 << k) - 1
+        return values.reshape(-1)[:m]
     out = np.empty((groups, 8), np.int64)
     for j in range(8):
         words = np.ndarray((groups,), ">u8", padded, (j * k) >> 3, (k,))

@@ -304,3 +304,16 @@ def test_hand_made_rice_blob_decodes():
 def test_rice_parameters_across_byte_widths(log2_gap):
     """Zero rates 2**-j exercise Rice parameters near j, covering 1-, 2- and 4-byte remainders."""
     _check_round_trip(_random_mask((1 << 20,), 2.0**-log2_gap, log2_gap))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 31, 40])
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 1001])
+def test_remainder_streams_of_every_width_read_back(k, m):
+    """k-bit MSB-first remainders as the encoder packs them (one 64-bit read per 8 values for k <= 8,
+    strided per phase above) read back exactly, whatever m is modulo 8."""
+    from rmt_deploy.masks import _remainders
+
+    values = np.random.default_rng(k * 1000 + m).integers(0, 1 << k, m)
+    bits = np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)[:, 64 - k:]
+    stream = np.packbits(bits).tobytes()
+    np.testing.assert_array_equal(_remainders(memoryview(stream), m, k), values)

@@ -27,7 +27,7 @@ from rmt_deploy.fingerprint import fingerprint_arrays, short
 from rmt_deploy.integrity import REBUILD
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
-from rmt_deploy.runtime.taskpool import BASE, Lease, TaskPool, TensorSpec, index_array
+from rmt_deploy.runtime.taskpool import BASE, Lease, TaskPool, TensorSpec, ZeroSet
 from rmt_deploy.masks import decode_zero_indices
 from rmt_deploy.runtime.tasks import CompactTask, LazyZeros, TaskHead, read_compact
 from rmt_deploy.runtime.taskstore import DEFAULT_WARM_BYTES, RESIDENT, TaskStore, check_warm_bytes
@@ -108,8 +108,8 @@ def _make_pool(bundle: Bundle, impl: Any, cache_tasks: int, threads: int | None)
     return pool
 
 
-def _stored_zeros(spec: TensorSpec, shape: tuple[int, ...], blob: bytes) -> np.ndarray:
-    return index_array(spec.stored_indices(decode_zero_indices(blob, shape)[1]))
+def _stored_zeros(pool: TaskPool, spec: TensorSpec, shape: tuple[int, ...], blob: bytes) -> ZeroSet:
+    return pool.zero_set(spec.key, spec.stored_indices(decode_zero_indices(blob, shape)[1]))
 
 
 class Engine:
@@ -213,12 +213,13 @@ class Engine:
         return read_compact(bundle.task_path(name), manifest.fingerprint, self._shapes, manifest.embed_dim,
                             bundle.record(bundle.task_relative(name)), name, manifest.quick_gelu)
 
-    def _decode(self, task: CompactTask) -> Mapping[str, np.ndarray]:
-        """Zero indices of each masked tensor in the backend's stored layout, decoded as the pool
-        rewrites each tensor (on its worker threads)."""
+    def _decode(self, task: CompactTask) -> Mapping[str, ZeroSet]:
+        """Zero indices of each masked tensor in the backend's stored layout with the base values there,
+        decoded as the pool rewrites each tensor (on its worker threads)."""
         specs = self._backend.specs
-        return LazyZeros(task.blobs, {s.key: partial(_stored_zeros, s, self._shapes[s.tensor]) for s in specs},
-                         {s.key: s.tensor for s in specs})
+        decoders = {s.key: partial(_stored_zeros, self._pool, s, self._shapes[s.tensor]) for s in specs}
+        return LazyZeros(task.blobs, decoders, {s.key: s.tensor for s in specs},
+                         {s.key: np.dtype(np.intp).itemsize + np.dtype(s.dtype).itemsize for s in specs})
 
     def add_task(self, source: str | os.PathLike | TaskPack) -> str:
         """Hot-add a task from a .rmtask path or a TaskPack (verified and fingerprint-checked now);

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from rmt_deploy.heads import ZEROSHOT, Cache, HeadMath, head_nbytes
 from rmt_deploy.integrity import FileRecord
 from rmt_deploy.masks import decode_zero_indices, encode_mask, mask_stats
 from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
+
+if TYPE_CHECKING:
+    from rmt_deploy.runtime.taskpool import ZeroSet
 
 
 @dataclass(frozen=True)
@@ -87,20 +90,22 @@ def decode_zeros(blobs: Mapping[str, bytes], shapes: Mapping[str, tuple[int, ...
     return {name: decode_zero_indices(blob, shapes[name])[1] for name, blob in blobs.items()}
 
 
-class LazyZeros(Mapping[str, np.ndarray]):
-    """A task's zero indices per stored key, each decoded at its first access and kept.
+class LazyZeros(Mapping[str, "ZeroSet"]):
+    """A task's ZeroSets (rmt_deploy.runtime.taskpool) per stored key, each decoded at its first access
+    and kept.
 
     The pool rewrites a buffer tensor by tensor on its worker threads: decoding inside that
-    loop overlaps decoding with rewriting. `nbytes` (what the decoded arrays take) is known
-    from the blob headers before anything is decoded."""
+    loop overlaps decoding with rewriting. `nbytes` (what the decoded sets take) is known
+    from the blob headers before anything is decoded: zeros x `bytes_per_zero` of each key
+    (an index and a base value)."""
 
-    def __init__(self, blobs: Mapping[str, bytes], decoders: Mapping[str, Callable[[bytes], np.ndarray]],
-                 sources: Mapping[str, str]):
+    def __init__(self, blobs: Mapping[str, bytes], decoders: Mapping[str, Callable[[bytes], "ZeroSet"]],
+                 sources: Mapping[str, str], bytes_per_zero: Mapping[str, int]):
         self._blobs, self._decoders, self._sources = blobs, decoders, sources  # key -> open_clip tensor name
-        self._done: dict[str, np.ndarray] = {}
-        self.nbytes = sum(mask_stats(blobs[sources[key]]).zeros for key in sources) * np.dtype(np.intp).itemsize
+        self._done: dict[str, ZeroSet] = {}
+        self.nbytes = sum(mask_stats(blobs[sources[key]]).zeros * bytes_per_zero[key] for key in sources)
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def __getitem__(self, key: str) -> "ZeroSet":
         found = self._done.get(key)
         if found is None:
             found = self._decoders[key](self._blobs[self._sources[key]])

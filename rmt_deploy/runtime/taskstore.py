@@ -3,8 +3,8 @@
 Tiers, from cheapest to fastest to switch to:
 - disk: listed by name, not read (a bundle's tasks right after `Engine.load`);
 - cold: read and verified once, kept as its encoded masks plus its head (about its file's size);
-- warm: its zero indices decoded, ready to rewrite a buffer (8 bytes per zero), kept within a
-  byte budget (`warm_bytes`), least recently used first out;
+- warm: its zero indices decoded with the base values there, ready to rewrite a buffer (12 bytes
+  per zero of an fp32 base), kept within a byte budget (`warm_bytes`), least recently used first out;
 - resident: in one of the pool's dense buffers (the TaskPool; `cache_tasks` of them).
 A task's integrity is checked when it is first read, before its first use. numpy only.
 """
@@ -13,26 +13,26 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-import numpy as np
 
 from rmt_deploy.errors import InputError, UnknownTaskError
 from rmt_deploy.runtime.tasks import CompactTask, TaskHead
 
 DISK, COLD, WARM, RESIDENT = "disk", "cold", "warm", "resident"
 TIERS = (DISK, COLD, WARM, RESIDENT)
-DEFAULT_WARM_BYTES = 256 << 20  # about 45 ViT-B/16 tasks at 2.5% zeros
+DEFAULT_WARM_BYTES = 256 << 20  # about 30 ViT-B/16 fp32 tasks at 2.5% zeros
 
 Reader = Callable[[], CompactTask]
-Decoder = Callable[[CompactTask], Mapping[str, np.ndarray]]
+DecodedZeros = Mapping[str, Any]  # stored key -> ZeroSet (rmt_deploy.runtime.taskpool)
+Decoder = Callable[[CompactTask], DecodedZeros]
 
 
 @dataclass
 class _Entry:
     read: Reader
     compact: CompactTask | None = None
-    zeros: Mapping[str, np.ndarray] | None = None
+    zeros: DecodedZeros | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)  # one reader/decoder per task at a time
 
 
@@ -50,8 +50,8 @@ class StoreStats:
     warm_budget: int
 
 
-def zeros_nbytes(zeros: Mapping[str, np.ndarray]) -> int:
-    """Bytes of a task's decoded zero indices (known before decoding for a LazyZeros)."""
+def zeros_nbytes(zeros: DecodedZeros) -> int:
+    """Bytes of a task's decoded zeros (ZeroSets; known before decoding for a LazyZeros)."""
     known = getattr(zeros, "nbytes", None)
     return int(known) if known is not None else sum(a.nbytes for a in zeros.values())
 
@@ -105,8 +105,8 @@ class TaskStore:
         """The task's head, reading and verifying the task file at its first use."""
         return self._compact(name).head
 
-    def zeros(self, name: str) -> Mapping[str, np.ndarray]:
-        """The task's zero indices (decoded from its masks unless warm); marks it most recently used."""
+    def zeros(self, name: str) -> DecodedZeros:
+        """The task's decoded zeros (decoded from its masks unless warm); marks it most recently used."""
         entry = self._entry(name)
         with entry.lock:
             zeros = entry.zeros
@@ -154,7 +154,7 @@ class TaskStore:
                     entry.compact = entry.read()
         return entry.compact
 
-    def _keep_warm(self, name: str, entry: _Entry, zeros: Mapping[str, np.ndarray]) -> None:
+    def _keep_warm(self, name: str, entry: _Entry, zeros: DecodedZeros) -> None:
         """Record `name` as most recently used; drop the least recently used warm tasks over the budget."""
         size = zeros_nbytes(zeros)
         if entry.zeros is None:

@@ -167,7 +167,7 @@ def test_tensorrt_pool_holds_transposed_masked_weights(tmp_path):
     from safetensors.numpy import save_file
 
     from rmt_deploy.runtime.baseweights import SafetensorsReader
-    from rmt_deploy.runtime.taskpool import TaskPool, index_array
+    from rmt_deploy.runtime.taskpool import TaskPool
 
     rng = np.random.default_rng(0)
     base = {"blocks.0.in_proj_weight": rng.standard_normal((6, 4)).astype(np.float32),
@@ -182,7 +182,7 @@ def test_tensorrt_pool_holds_transposed_masked_weights(tmp_path):
     pool = TaskPool(specs, lambda arrays: trt_backend.fill_base_all(reader, specs, arrays, None), capacity=1,
                     workers=1)
     masks = {name: rng.random(value.shape) > 0.3 for name, value in base.items()}
-    zeros = {s.key: index_array(s.stored_indices(np.flatnonzero(~masks[s.tensor]))) for s in specs}
+    zeros = {s.key: pool.zero_set(s.key, s.stored_indices(np.flatnonzero(~masks[s.tensor]))) for s in specs}
     with pool.lease("t", lambda: zeros) as lease:
         for spec in specs:
             want = base[spec.tensor] * masks[spec.tensor]

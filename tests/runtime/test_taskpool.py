@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rmt_deploy.errors import ArtifactError, InputError, InternalError
-from rmt_deploy.runtime.taskpool import BASE, TaskPool, TensorSpec, index_array
+from rmt_deploy.runtime.taskpool import BASE, TaskPool, TensorSpec, ZeroSet
 
 SHAPES = {"a": (6, 5), "b": (7,), "c": (3, 2, 4)}
 
@@ -32,17 +32,17 @@ def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0, mapped=Fa
     return pool, base, masks, reads
 
 
-def _zeros(masks, task):
-    """The zero-index loader the pool calls on a miss, counting its calls."""
+def _zeros(pool, masks, task):
+    """The loader of a task's ZeroSets the pool calls on a miss, counting its calls."""
     def load():
         load.calls += 1
-        return {k: index_array(np.flatnonzero(~m)) for k, m in masks[task].items()}
+        return {k: pool.zero_set(k, np.flatnonzero(~m)) for k, m in masks[task].items()}
     load.calls = 0
     return load
 
 
 def _lease(pool, masks, task):
-    return pool.lease(task, _zeros(masks, task))
+    return pool.lease(task, _zeros(pool, masks, task))
 
 
 def _check(lease, base, masks):
@@ -75,7 +75,7 @@ def test_cached_tasks_are_hits_and_lru_is_evicted():
 
 def test_a_hit_does_not_ask_for_the_zero_indices():
     pool, base, masks, _ = _setup(1)
-    first, second = _zeros(masks, "t0"), _zeros(masks, "t0")
+    first, second = _zeros(pool, masks, "t0"), _zeros(pool, masks, "t0")
     pool.release(pool.acquire("t0", first))
     pool.release(pool.acquire("t0", second))
     assert (first.calls, second.calls) == (1, 0)
@@ -91,14 +91,14 @@ def test_overlapping_zeros_restore_exact_base_values():
 def test_the_base_pseudo_task_is_the_unmasked_weights():
     pool, base, masks, _ = _setup(1)
     for task in ["t0", BASE, "t1", BASE]:
-        with pool.lease(task, _zeros(masks, task) if task != BASE else None) as lease:
+        with pool.lease(task, _zeros(pool, masks, task) if task != BASE else None) as lease:
             for key, array in lease.arrays.items():
                 np.testing.assert_array_equal(array, base[key] * masks[task][key] if task != BASE else base[key])
 
 
 def test_a_leased_buffer_is_never_rewritten_until_released():
     pool, base, masks, _ = _setup(1)
-    first = pool.acquire("t0", _zeros(masks, "t0"))
+    first = pool.acquire("t0", _zeros(pool, masks, "t0"))
     got = {}
 
     def other():
@@ -132,10 +132,16 @@ def test_a_failing_loader_leaves_the_buffer_as_it_was():
     assert pool.stats.hits == 1
 
 
-def test_bad_zero_indices_are_refused_before_any_write():
+def _sets(indices, values=None, dtype=np.intp, value_dtype=np.float32):
+    return {k: ZeroSet(np.array(indices, dtype), np.dtype(value_dtype), values) for k in SHAPES}
+
+
+def test_bad_zero_sets_are_refused_before_any_write():
     pool, base, masks, _ = _setup(1)
-    for bad in ({"a": np.array([3, 1], np.intp)}, {k: np.array([10**6], np.intp) for k in SHAPES},
-                {k: np.array([1], np.int32) for k in SHAPES}):
+    for bad in ({"a": pool.zero_set("a", [1])}, _sets([3, 1]), _sets([10**6]), _sets([1], dtype=np.int32),
+                _sets([1, 2], values=np.ones(1, np.float32)), _sets([1], values=np.ones(1, np.float64)),
+                _sets([1], value_dtype=np.float16),
+                {k: np.array([1], np.intp) for k in SHAPES}):
         with pytest.raises(InternalError):
             pool.acquire("t0", lambda bad=bad: bad)
     with pool.lease(BASE, None) as lease:
@@ -143,9 +149,24 @@ def test_bad_zero_indices_are_refused_before_any_write():
             np.testing.assert_array_equal(array, base[key])
 
 
+def test_zero_sets_keep_the_base_values_a_rewrite_read_and_refuse_bad_indices():
+    pool, base, masks, _ = _setup(1, tasks=("t0", "t1"), zeros=0.7)  # most zeros overlap
+    sets = {t: {k: pool.zero_set(k, np.flatnonzero(~m)) for k, m in masks[t].items()} for t in masks}
+    assert sets["t0"]["a"].base_values is None and sets["t0"]["a"].nbytes == sets["t0"]["a"].indices.size * 12
+    for task in ("t0", "t1", "t0", "t1"):  # t1's values are read while t0's zeros were in the buffer
+        with pool.lease(task, lambda task=task: sets[task]) as lease:
+            _check(lease, base, masks)
+    for task, per_key in sets.items():
+        for key, zeros in per_key.items():
+            np.testing.assert_array_equal(zeros.base_values, base[key].reshape(-1)[zeros.indices])
+    for bad_key, bad in (("a", [4, 2]), ("a", [30]), ("a", [-1]), ("zz", [1]), ("a", [[1]])):
+        with pytest.raises(InternalError):
+            pool.zero_set(bad_key, np.array(bad))
+
+
 def test_evict_waits_for_runs_then_restores_the_base_values():
     pool, base, masks, _ = _setup(2)
-    held = pool.acquire("t0", _zeros(masks, "t0"))
+    held = pool.acquire("t0", _zeros(pool, masks, "t0"))
     done = threading.Event()
     evictor = threading.Thread(target=lambda: (pool.evict("t0"), done.set()))
     evictor.start()
@@ -170,7 +191,7 @@ def test_misses_on_one_buffer_do_not_block_hits_on_another():
     def slow():
         entered.set()
         assert leave.wait(5)
-        return _zeros(masks, "t1")()
+        return _zeros(pool, masks, "t1")()
 
     rewriting = threading.Thread(target=lambda: pool.release(pool.acquire("t1", slow)))
     rewriting.start()
@@ -201,12 +222,12 @@ def _wait_for(condition, seconds: float = 5.0) -> None:
 
 def test_acquire_waiting_when_the_pool_closes_gets_input_error():
     pool, _, masks, _ = _setup(1)
-    held = pool.acquire("t0", _zeros(masks, "t0"))  # the only buffer: the next acquire waits
+    held = pool.acquire("t0", _zeros(pool, masks, "t0"))  # the only buffer: the next acquire waits
     errors: list[BaseException] = []
 
     def waiter():
         try:
-            pool.release(pool.acquire("t1", _zeros(masks, "t1")))
+            pool.release(pool.acquire("t1", _zeros(pool, masks, "t1")))
         except BaseException as exc:  # noqa: BLE001 - checked below
             errors.append(exc)
 
@@ -229,7 +250,7 @@ def test_acquire_after_close_is_an_input_error_and_capacity_is_checked():
     pool, _, masks, _ = _setup(1)
     pool.close()
     with pytest.raises(InputError, match="closed"):
-        pool.acquire("t0", _zeros(masks, "t0"))
+        pool.acquire("t0", _zeros(pool, masks, "t0"))
     with pytest.raises(InputError, match="cache_tasks=0"):
         TaskPool([], lambda arrays: None, 0)
 
@@ -250,7 +271,7 @@ def test_a_decode_failing_midway_resets_the_buffer_to_the_base_values():
     pool, base, masks, _ = _setup(1)
     with _lease(pool, masks, "t0"):
         pass
-    good = _zeros(masks, "t1")()
+    good = _zeros(pool, masks, "t1")()
 
     class Failing(dict):
         def __getitem__(self, key):
