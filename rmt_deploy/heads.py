@@ -115,7 +115,7 @@ class HeadMath:
     """The logits of one head, with its constant tensors prepared once (float32)."""
 
     def __init__(self, text: np.ndarray, logit_scale: float, cache: Cache | None = None) -> None:
-        self.text_t = np.ascontiguousarray(np.asarray(text, dtype=np.float32).T)  # [D, C]
+        self.text_t = np.asarray(text, dtype=np.float32).T  # [D, C]: a view of a float32 head, not a copy
         self.scale = np.float32(logit_scale)
         self.cache = cache
         if cache is not None:

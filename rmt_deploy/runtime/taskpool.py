@@ -28,7 +28,6 @@ from rmt_deploy.errors import ArtifactError, InputError, InternalError
 BASE = "<base>"  # pseudo-task: the unmasked base values
 
 
-
 @dataclass
 class ZeroSet:
     """Where a task zeroes one stored tensor: sorted flat indices (stored layout, intp), the tensor's
@@ -157,7 +156,7 @@ class TaskPool:
         """A task's ZeroSet for stored tensor `key` from its sorted flat zero indices (stored layout)."""
         idx = index_array(indices)
         spec = self.specs.get(key)
-        if spec is None or idx.ndim != 1 or (idx.size and not 0 <= idx[0] <= idx[-1] < spec.size):
+        if spec is None or not _sorted_in_range(idx, spec.size):
             raise InternalError(f"zero indices of {key!r} are not sorted in-range flat indices of a pool tensor")
         return ZeroSet(idx, spec.dtype)
 
@@ -240,11 +239,10 @@ class TaskPool:
 
     def _checked(self, key: str, zeros: ZeroSet) -> ZeroSet:
         spec = self.specs[key]
-        ok = isinstance(zeros, ZeroSet) and zeros.indices.dtype == np.intp and zeros.indices.ndim == 1 \
-            and zeros.dtype == spec.dtype and (not zeros.indices.size or 0 <= zeros.indices[0] <= zeros.indices[-1]
-                                               < spec.size)
-        values = zeros.base_values if ok else None
-        if not ok or values is not None and (values.shape != zeros.indices.shape or values.dtype != spec.dtype):
+        values = getattr(zeros, "base_values", None)
+        if not isinstance(zeros, ZeroSet) or zeros.indices.dtype != np.intp or zeros.dtype != spec.dtype \
+                or not _sorted_in_range(zeros.indices, spec.size) \
+                or values is not None and (values.shape != zeros.indices.shape or values.dtype != spec.dtype):
             raise InternalError(f"zeros of {key!r} are not a ZeroSet of sorted in-range intp indices for a "
                                 f"{spec.dtype} tensor (build it with TaskPool.zero_set)")
         return zeros
@@ -319,6 +317,11 @@ class TaskPool:
             if bump:
                 slot.generation += 1
             self._cond.notify_all()
+
+
+def _sorted_in_range(idx: np.ndarray, size: int) -> bool:
+    """One-dimensional with its first and last entries in [0, size) (sorted by construction)."""
+    return idx.ndim == 1 and (not idx.size or 0 <= idx[0] <= idx[-1] < size)
 
 
 def _pristine(arrays: dict[str, np.ndarray],
