@@ -205,7 +205,7 @@ def measure_switch(work: Path, threads: int, samples: int) -> dict:
                 assert engine.tier(name) == before, (tier, name, engine.tier(name))
                 times[tier].append(timed_ms(lambda: engine.switch(name)))
                 floor_ms.append(timed_ms(floor))
-            if i % 8 == 0:  # the naive switch: a new session on a folded model, interleaved too
+            if i % 4 == 0:  # the naive switch: a new session on a folded model, interleaved too
                 naive.append(timed_ms(lambda: folded_session(bundle, names[0], threads)))
         times["cached"] += [timed_ms(lambda: cached.switch(names[1 + i % 2])) for i in range(samples * 3)]
     finally:

@@ -24,6 +24,7 @@ from rmt_deploy.bundle import TASKS_DIR, Bundle
 from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
 from rmt_deploy.integrity import REBUILD, FileRecord, read_verified
 from rmt_deploy.runtime.tasks import decode_zeros, read_compact
+from rmt_deploy.staging import usual_mode
 from rmt_deploy.taskpack import MAX_TASK_FILE_BYTES, SUFFIX
 
 __all__ = ["add_tasks", "remove_tasks"]
@@ -68,7 +69,7 @@ def _stage_copy(bundle: Bundle, source: Path) -> tuple[Path, str, FileRecord]:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(staged, 0o644)
+        os.chmod(staged, usual_mode())
         manifest = bundle.manifest
         shapes = {t.name: tuple(t.shape) for t in manifest.masked_tensors}
         task = read_compact(staged, manifest.fingerprint, shapes, manifest.embed_dim, record,

@@ -5,7 +5,8 @@
 
 On success the stage replaces `out` (an old `out` is moved aside first, then removed); on any
 failure it is removed and `out` is left as it was. Stages left by a killed process are
-cleared by the next write to the same destination.
+cleared by the next write to the same destination. What is published has the modes the
+user's umask gives (a temporary folder is made 0700, and some writers make files 0600).
 """
 from __future__ import annotations
 
@@ -33,7 +34,36 @@ def staged_folder(out: Path) -> Iterator[Path]:
         raise
 
 
+def usual_mode(directory: bool = False) -> int:
+    """The mode a new file (0666) or folder (0777) gets under this process's umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it; os.umask can only read by setting, racing other threads
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(stage: Path) -> None:
+    folder_mode, file_mode = usual_mode(directory=True), usual_mode()
+    os.chmod(stage, folder_mode)
+    for root, folders, files in os.walk(stage):
+        for name in folders:
+            os.chmod(os.path.join(root, name), folder_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
 def _publish(stage: Path, out: Path) -> None:
+    _usual_modes(stage)
     if not out.exists():
         os.rename(stage, out)
         return

@@ -31,6 +31,7 @@ from rmt_deploy.integrity import FileRecord, read_verified
 from rmt_deploy.masks import MAX_SIZE as MAX_MASK_ELEMENTS
 from rmt_deploy.masks import decode_mask, encode_mask
 from rmt_deploy.safetensors_header import load_bytes
+from rmt_deploy.staging import usual_mode
 
 FORMAT_TAG = "rmt-deploy.taskpack"
 FORMAT_VERSION = 2  # the newest this code writes and reads
@@ -187,7 +188,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise InputError(f"cannot write to {folder}: {exc.strerror}; choose a writable folder") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        os.fchmod(fd, usual_mode())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -326,12 +327,6 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
 def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
     """The encoded mask of each masked tensor, checksum-verified but not decoded."""
     return read_encoded(path).blobs
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:

@@ -7,8 +7,6 @@ the tasks are real images that ship inside scikit-image and scikit-learn.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 
 from rmt_deploy.demo.datasets import DemoTask, build_digits, build_textures
 from rmt_deploy.errors import InputError, require
+from rmt_deploy.staging import staged_folder
 
 
 @dataclass(frozen=True)
@@ -113,17 +112,9 @@ def run_demo(config: DemoConfig, out: Path, say: Callable[[str], None] = print) 
     out = Path(out)
     if out.exists() and not (out / "report.json").exists() and any(out.iterdir()):
         raise InputError(f"--out {out} exists and is not a demo folder: choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as stage:
         report = _run_stages(config, stage, say)
         write_report(report, stage)
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     _point_bundle_at_checkpoint(out / "bundle", out / report["checkpoint"])
     report["out"] = str(out)
     return report

@@ -153,3 +153,20 @@ def test_bad_inputs_give_one_clear_line(problem, task_files, tiny_checkpoint, tm
                 "unknown model": "'ViT-Nope-99' is unknown"}[problem]
     assert expected in lines[0] and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_published_bundle_has_the_modes_the_umask_gives(task_files, tiny_checkpoint, tmp_path, umask):
+    """The staging folder is made 0700 and safetensors writes 0600: what lands must be readable as the
+    user's umask says (a server running as another user reads the bundle)."""
+    from rmt_deploy.export import export_bundle
+
+    out = tmp_path / "bundle"
+    previous = os.umask(umask)
+    try:
+        export_bundle(_config(tiny_checkpoint, task_files[:1], out, verify=False), progress=False)
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    want = {path: (0o777 if (tmp_path / path).is_dir() else 0o666) & ~umask for path in modes}
+    assert modes == want and "bundle/base_weights.safetensors" in modes
