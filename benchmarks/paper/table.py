@@ -5,7 +5,7 @@ import json
 import statistics
 from pathlib import Path
 
-from plan import METRICS, NEW, Cell
+from plan import METRICS, Cell
 from published import (METHOD_ALONE_COLUMN, PUBLISHED_16_SHOT, PUBLISHED_AVERAGE, PUBLISHED_COMBINED_AVERAGE,
                        PUBLISHED_RMT_AVERAGE_BY_SHOTS)
 

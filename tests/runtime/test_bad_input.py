@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from rmt_deploy.cli import main
 from rmt_deploy.errors import (ArtifactError, IncompatibleBaseError, InputError, MissingDependencyError,
                                UnknownTaskError)
-from rmt_deploy.runtime import backends
 from rmt_deploy.runtime.engine import Engine
 from rmt_deploy.runtime.taskpool import TensorSpec
 

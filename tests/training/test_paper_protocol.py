@@ -75,7 +75,7 @@ def test_sweep_is_interrupted_resumed_and_tabulated(tiny_checkpoint, two_dataset
         assert row["rmt"]["mean"] == pytest.approx(50 * (seeds[0]["test_accuracy"] + seeds[1]["test_accuracy"]))
         assert row["zero_shot_paper"] == 47.60 and row["rmt_paper"] is None  # per-dataset paper figures: 16 shots
         assert f"| EuroSAT | 2 | {row['zero_shot']['mean']:.2f} | 47.60 | {row['rmt']['mean']:.2f}" in table
-    assert f"## Few-shot, 1 shots" in table and "| average (2 datasets) |" in table
+    assert "## Few-shot, 1 shots" in table and "| average (2 datasets) |" in table
     assert (tmp_path / "shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
     assert run.main(args) == 0 and capsys.readouterr().out.count("done, skipped") == 8
