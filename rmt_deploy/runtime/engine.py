@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ import numpy as np
 from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import ArtifactError, InputError
 from rmt_deploy.fingerprint import fingerprint_arrays, short
+from rmt_deploy.heads import HeadMath
 from rmt_deploy.integrity import REBUILD
 from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
@@ -130,6 +132,7 @@ class Engine:
         self._run_lock = threading.Lock()    # serialises runs on non-concurrent backends
         self._task: str | None = None
         self._closed = False
+        self._maths: OrderedDict[str, tuple[TaskHead, HeadMath]] = OrderedDict()  # cache heads in use, LRU
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, task: str | None = None, backend: str = "auto",
@@ -241,6 +244,7 @@ class Engine:
             with self._lock:
                 if self._task == task:
                     self._task = None
+                self._maths.pop(task, None)
             while self._pool.evict(task):
                 pass
 
@@ -250,6 +254,24 @@ class Engine:
             raise InputError("no task selected: pass task=... or call engine.switch(task) first "
                              f"(available: {', '.join(self.tasks[:20]) or 'none'})")
         return self._store.head(name)
+
+    def _head_math(self, head: TaskHead) -> HeadMath:
+        """The prepared logits math of a head; a cache head's is kept for the `cache_tasks` most
+        recently used tasks (its float32 keys are twice the stored ones), rebuilt after that."""
+        if head.cache is None:
+            return head.prepared()
+        with self._lock:
+            held = self._maths.get(head.name)
+            if held is not None and held[0] is head:
+                self._maths.move_to_end(head.name)
+                return held[1]
+        math = head.prepared()
+        with self._lock:
+            self._maths[head.name] = (head, math)
+            self._maths.move_to_end(head.name)
+            while len(self._maths) > self._pool.capacity:
+                self._maths.popitem(last=False)
+        return math
 
     def _lease(self, task: str) -> Lease:
         return self._pool.acquire(task, partial(self._store.zeros, task))
@@ -283,7 +305,7 @@ class Engine:
         head = self._head(task)
         batch = to_batch(images, self._transform)
         embeddings = self.embed(batch, head.name)
-        logits = head.logits(embeddings)
+        logits = self._head_math(head).logits(embeddings)
         probs = _softmax(logits.copy())
         indices = logits.argmax(axis=1)
         labels = [head.class_names[i] for i in indices]

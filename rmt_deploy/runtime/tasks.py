@@ -36,19 +36,26 @@ class TaskHead:
     logit_scale: float
     kind: str = ZEROSHOT  # rmt_deploy.heads.HEAD_KINDS
     cache: Cache | None = None  # tip-adapter kinds
-    _math: HeadMath = field(init=False, repr=False, compare=False)
+    _math: HeadMath | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_math", HeadMath(self.head, self.logit_scale, self.cache))
+        if self.cache is None:  # a text head's prepared form is a view of it: kept, costs nothing
+            object.__setattr__(self, "_math", HeadMath(self.head, self.logit_scale))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the head as stored (text features plus any cache)."""
         return head_nbytes(self.head, self.cache)
 
+    def prepared(self) -> HeadMath:
+        """The head's logits math with its constants in float32. A cache head's (its keys in float32,
+        twice their stored bytes, and one-hot values) is built anew on each call: a caller serving the
+        task keeps it while the task is in use, so thousands of stored tasks do not each hold one."""
+        return self._math if self._math is not None else HeadMath(self.head, self.logit_scale, self.cache)
+
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 [N, C] from the shared L2-normalised embeddings [N, D] (rmt_deploy.heads)."""
-        return self._math.logits(embeddings)
+        return self.prepared().logits(embeddings)
 
 
 def head_of(name: str, class_names: tuple[str, ...], head: np.ndarray, logit_scale: float,

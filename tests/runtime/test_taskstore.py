@@ -184,3 +184,31 @@ def test_random_switches_adds_and_removes_with_concurrent_predicts_stay_exact(on
         assert len(engine.resident_tasks) <= engine._pool.capacity
         assert engine.store_stats["warm_bytes"] <= engine.store_stats["warm_budget"]
     assert not failures, failures[:5]
+
+
+def test_cache_heads_hold_float32_keys_only_while_in_use(onnx_bundle, make_taskpack, images):
+    """A tip-adapter head's prepared math (float32 keys, twice the stored bytes) is kept for the
+    `cache_tasks` most recently predicted tasks, not by every stored task; logits stay the formula's."""
+    from rmt_deploy.heads import Cache, logits
+
+    embed_dim = onnx_bundle.manifest.embed_dim
+    engine = Engine.load(onnx_bundle.root, cache_tasks=1)
+    try:
+        packs = []
+        for i in range(3):
+            pack = make_taskpack(f"tip{i}", seed=30 + i, classes=3)
+            keys = np.random.default_rng(i).standard_normal((6, embed_dim)).astype(np.float32)
+            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+            pack.head_kind, pack.cache = "tip-adapter", Cache.build(keys, np.arange(6) % 3, 3.0, 5.0, 3, embed_dim)
+            engine.add_task(pack)
+            packs.append(pack)
+        for pack in packs + packs[:1]:
+            got = engine.predict(images, task=pack.name)
+            np.testing.assert_allclose(got.logits, logits(got.embeddings, pack.head, pack.logit_scale, pack.cache),
+                                       rtol=1e-5, atol=1e-4)
+            assert list(engine._maths) == [pack.name]  # only the task in use keeps its prepared head
+        assert all(engine._store.head(p.name)._math is None for p in packs)
+        engine.remove_task("tip0")
+        assert not engine._maths
+    finally:
+        engine.close()
