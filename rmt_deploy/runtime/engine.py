@@ -222,7 +222,7 @@ class Engine:
         specs = self._backend.specs
         decoders = {s.key: partial(_stored_zeros, self._pool, s, self._shapes[s.tensor]) for s in specs}
         return LazyZeros(task.blobs, decoders, {s.key: s.tensor for s in specs},
-                         {s.key: np.dtype(np.intp).itemsize + np.dtype(s.dtype).itemsize for s in specs})
+                         {s.key: ZeroSet.bytes_per_zero(s.dtype) for s in specs})
 
     def add_task(self, source: str | os.PathLike | TaskPack) -> str:
         """Hot-add a task from a .rmtask path or a TaskPack (verified and fingerprint-checked now);

@@ -37,10 +37,15 @@ class ZeroSet:
     dtype: np.dtype
     base_values: np.ndarray | None = None
 
+    @staticmethod
+    def bytes_per_zero(dtype: np.dtype) -> int:
+        """What a ZeroSet holds per zero once its base values are read: an index and a value."""
+        return np.dtype(np.intp).itemsize + np.dtype(dtype).itemsize
+
     @property
     def nbytes(self) -> int:
         """Bytes held once the base values are read."""
-        return self.indices.nbytes + self.indices.size * np.dtype(self.dtype).itemsize
+        return self.indices.size * self.bytes_per_zero(self.dtype)
 
 
 Zeros = Mapping[str, ZeroSet]  # stored key -> the task's ZeroSet for that tensor

@@ -15,7 +15,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-
 from rmt_deploy.errors import InputError, UnknownTaskError
 from rmt_deploy.runtime.tasks import CompactTask, TaskHead
 
