@@ -291,23 +291,43 @@ def test_200_random_requests_from_16_threads_all_right_and_residency_bounded(ser
         assert not replica["torch_loaded"], "a serving replica imported torch"
 
 
-def test_requests_go_to_the_replica_that_holds_their_task(service, engine):
-    """4 tasks fit 2 replicas x cache_tasks 2: after a warm-up, multiplexed routing finds a replica
-    holding the task for nearly every request (task-blind round-robin gets about half, see the benchmark)."""
-    tasks = TASKS[:4]
-    images = _images(7, count=1)
-    for task in tasks * 3:  # warm-up: Serve learns where each task lives
-        assert _infer(service, _body([task], images)).status_code == 200
+def _hits(service, run) -> tuple[int, int]:
+    """(resident hits, requests) the replicas counted while `run()` sent its requests."""
     before = {r["replica"]: r for r in _stats(service)["replicas"]}
-    rng = random.Random(4)
-    with ThreadPoolExecutor(4) as pool:
-        statuses = list(pool.map(lambda t: _infer(service, _body([t], images)).status_code,
-                                 [rng.choice(tasks) for _ in range(80)]))
-    assert statuses == [200] * 80
+    run()
     after = _stats(service)["replicas"]
     served = sum(r["requests"] - before[r["replica"]]["requests"] for r in after)
-    hits = sum(r["resident_hits"] - before[r["replica"]]["resident_hits"] for r in after)
-    assert served == 80 and hits / served >= 0.8, (hits, served, after)
+    return sum(r["resident_hits"] - before[r["replica"]]["resident_hits"] for r in after), served
+
+
+def test_requests_go_to_the_replica_that_holds_their_task(service, engine):
+    """4 tasks fit 2 replicas x cache_tasks 2: once Serve has learnt where each task lives, multiplexed
+    routing finds a replica holding the task for nearly every request; task-blind routing gets about
+    half (see the benchmark). On a starved machine Serve's router falls back to any replica when a
+    queue-length probe misses its 0.1 s deadline, and each such miss evicts a task that later requests
+    then miss too; so a round that falls short settles again and is measured afresh, three rounds at
+    most. Blind routing (0.50 +- 0.06 over 80 requests) reaches 0.8 in none of them."""
+    tasks = TASKS[:4]
+    images = _images(7, count=1)
+    rng = random.Random(4)
+
+    def send(order: list[str], threads: int) -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            statuses = list(pool.map(lambda t: _infer(service, _body([t], images)).status_code, order))
+        assert statuses == [200] * len(order)
+
+    def settle() -> bool:  # until one pass over the tasks, in a random order, finds every task resident
+        return any(_hits(service, lambda: send(rng.sample(tasks, len(tasks)), 1)) == (4, 4) for _ in range(20))
+
+    rounds = []
+    for _ in range(3):
+        assert settle(), f"multiplexed routing never settled: rounds so far {rounds}"
+        hits, served = _hits(service, lambda: send([rng.choice(tasks) for _ in range(80)], 4))
+        assert served == 80, (hits, served)
+        rounds.append(hits)
+        if hits >= 0.8 * served:
+            break
+    assert rounds[-1] >= 0.8 * 80, f"resident hits per round of 80 requests: {rounds}"
 
 
 def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recovers(service, engine):
