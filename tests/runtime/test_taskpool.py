@@ -112,7 +112,7 @@ def test_a_leased_buffer_is_never_rewritten_until_released():
     assert "task" not in got  # waiting: the only buffer is pinned by t0
     _check(first, base, masks)
     pool.release(first)
-    thread.join(5)
+    thread.join(30)
     assert got["task"] == "t1" and pool.stats.waits >= 1
 
 
@@ -174,7 +174,7 @@ def test_evict_waits_for_runs_then_restores_the_base_values():
     assert not done.is_set()  # t0 is still leased
     _check(held, base, masks)
     pool.release(held)
-    evictor.join(5)
+    evictor.join(30)
     assert done.is_set() and pool.resident() == [] and not pool.evict("t0")
     with pool.lease(BASE, None) as lease:
         assert lease.slot == held.slot
@@ -199,7 +199,7 @@ def test_misses_on_one_buffer_do_not_block_hits_on_another():
     with _lease(pool, masks, "t0") as lease:  # a hit while t1 is being loaded
         _check(lease, base, masks)
     leave.set()
-    rewriting.join(5)
+    rewriting.join(30)
     assert sorted(pool.resident()) == ["t0", "t1"]
 
 
@@ -213,7 +213,7 @@ def test_the_base_mapping_must_equal_what_was_read():
         TaskPool(specs, fill, 1, map_base=lambda: {"a": np.zeros(4, np.float32)})
 
 
-def _wait_for(condition, seconds: float = 5.0) -> None:
+def _wait_for(condition, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -236,11 +236,11 @@ def test_acquire_waiting_when_the_pool_closes_gets_input_error():
     _wait_for(lambda: pool.stats.waits >= 1)
     closer = threading.Thread(target=pool.close)  # waits for `held`, but wakes the waiter at once
     closer.start()
-    blocked.join(5)
+    blocked.join(30)
     alive = blocked.is_alive()
     pool.release(held)
-    closer.join(5)
-    blocked.join(5)
+    closer.join(30)
+    blocked.join(30)
     assert not alive, "acquire kept waiting on a closed pool"
     assert not closer.is_alive() and not blocked.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], InputError) and "closed" in str(errors[0]), errors

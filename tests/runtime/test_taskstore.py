@@ -104,7 +104,7 @@ def test_remove_task_waits_for_runs_and_frees_the_task(onnx_bundle, images, make
         while not results:
             pass
         engine.remove_task("beta")
-        runner.join(10)
+        runner.join(30)
         stop.set()
         assert not runner.is_alive() and len(errors) == 1 and "'beta' not loaded" in errors[0]
         assert set(results) == {"beta"}
