@@ -202,7 +202,7 @@ def _expected_payload(method: int, k: int, n: int, zeros: int, unary_nbytes: int
     return unary_nbytes + (m * k + 7) // 8
 
 
-def _parse(blob: bytes) -> _Header:
+def _parse(blob: bytes, check_crc: bool = True) -> _Header:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise _fail(f"expected bytes, got {type(blob).__name__}")
     mv = memoryview(blob).cast("B")
@@ -213,7 +213,7 @@ def _parse(blob: bytes) -> _Header:
         raise _fail(f"bad magic {bytes(magic)!r} (expected {_MAGIC!r}); not a mask blob")
     if version != _VERSION:
         raise _fail(f"unsupported format version {version} (this build reads {_VERSION})")
-    actual = zlib.crc32(mv[_FIXED.size:], zlib.crc32(mv[4:8]))
+    actual = zlib.crc32(mv[_FIXED.size:], zlib.crc32(mv[4:8])) if check_crc else crc
     if actual != crc:
         raise _fail(f"CRC32 mismatch (stored {crc:08x}, computed {actual:08x}): corrupted or truncated")
     if method >= len(METHODS) or ndim > MAX_NDIM:
@@ -326,7 +326,8 @@ def decode_zero_indices(blob: bytes, expected_shape: tuple[int, ...] | None = No
         raise _fail(f"the zero positions of a mask of {h.size} elements do not fit in memory") from None
 
 
-def mask_stats(blob: bytes) -> MaskStats:
-    """Shape, size, zero count, method and encoded size from the (CRC-checked) blob."""
-    h = _parse(blob)
+def mask_stats(blob: bytes, check_crc: bool = True) -> MaskStats:
+    """Shape, size, zero count, method and encoded size from the blob's header (CRC-checked unless
+    `check_crc=False`, for a caller that decodes the blob later, which checks it then)."""
+    h = _parse(blob, check_crc)
     return MaskStats(h.shape, h.size, h.zeros, METHODS[h.method], h.nbytes)

@@ -317,3 +317,20 @@ def test_remainder_streams_of_every_width_read_back(k, m):
     bits = np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)[:, 64 - k:]
     stream = np.packbits(bits).tobytes()
     np.testing.assert_array_equal(_remainders(memoryview(stream), m, k), values)
+
+
+def test_header_only_stats_skip_the_crc_but_decoding_still_checks_it():
+    """LazyZeros sizes a task from headers alone; the flipped payload bit is caught when it is decoded."""
+    from rmt_deploy.runtime.tasks import LazyZeros
+
+    mask = np.random.default_rng(3).random((64, 48)) >= 0.05
+    blob = bytearray(encode_mask(mask))
+    blob[-1] ^= 0x01
+    stats = mask_stats(bytes(blob), check_crc=False)
+    assert stats.zeros == int((~mask).sum()) and stats.shape == mask.shape
+    with pytest.raises(ArtifactError, match="CRC32 mismatch"):
+        mask_stats(bytes(blob))
+    lazy = LazyZeros({"w": bytes(blob)}, {"w": lambda b: decode_mask(b)}, {"w": "w"}, {"w": 12})
+    assert lazy.nbytes == stats.zeros * 12
+    with pytest.raises(ArtifactError, match="CRC32 mismatch"):
+        lazy["w"]

@@ -104,13 +104,14 @@ class LazyZeros(Mapping[str, "ZeroSet"]):
     The pool rewrites a buffer tensor by tensor on its worker threads: decoding inside that
     loop overlaps decoding with rewriting. `nbytes` (what the decoded sets take) is known
     from the blob headers before anything is decoded: zeros x `bytes_per_zero` of each key
-    (an index and a base value)."""
+    (an index and a base value). The headers are range-checked here; each blob's CRC when it is
+    decoded."""
 
     def __init__(self, blobs: Mapping[str, bytes], decoders: Mapping[str, Callable[[bytes], "ZeroSet"]],
                  sources: Mapping[str, str], bytes_per_zero: Mapping[str, int]):
         self._blobs, self._decoders, self._sources = blobs, decoders, sources  # key -> open_clip tensor name
         self._done: dict[str, ZeroSet] = {}
-        self.nbytes = sum(mask_stats(blobs[sources[key]]).zeros * bytes_per_zero[key] for key in sources)
+        self.nbytes = sum(mask_stats(blobs[sources[key]], check_crc=False).zeros * bytes_per_zero[key] for key in sources)
 
     def __getitem__(self, key: str) -> "ZeroSet":
         found = self._done.get(key)
