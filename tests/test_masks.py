@@ -330,7 +330,7 @@ def test_header_only_stats_skip_the_crc_but_decoding_still_checks_it():
     assert stats.zeros == int((~mask).sum()) and stats.shape == mask.shape
     with pytest.raises(ArtifactError, match="CRC32 mismatch"):
         mask_stats(bytes(blob))
-    lazy = LazyZeros({"w": bytes(blob)}, {"w": lambda b: decode_mask(b)}, {"w": "w"}, {"w": 12})
+    lazy = LazyZeros({"w": bytes(blob)}, {"w": decode_mask}, {"w": "w"}, {"w": 12})
     assert lazy.nbytes == stats.zeros * 12
     with pytest.raises(ArtifactError, match="CRC32 mismatch"):
         lazy["w"]

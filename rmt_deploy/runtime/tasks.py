@@ -53,10 +53,6 @@ class TaskHead:
         task keeps it while the task is in use, so thousands of stored tasks do not each hold one."""
         return self._math if self._math is not None else HeadMath(self.head, self.logit_scale, self.cache)
 
-    def logits(self, embeddings: np.ndarray) -> np.ndarray:
-        """float32 [N, C] from the shared L2-normalised embeddings [N, D] (rmt_deploy.heads)."""
-        return self.prepared().logits(embeddings)
-
 
 def head_of(name: str, class_names: tuple[str, ...], head: np.ndarray, logit_scale: float,
             kind: str = ZEROSHOT, cache: Cache | None = None) -> TaskHead:
@@ -111,7 +107,8 @@ class LazyZeros(Mapping[str, "ZeroSet"]):
                  sources: Mapping[str, str], bytes_per_zero: Mapping[str, int]):
         self._blobs, self._decoders, self._sources = blobs, decoders, sources  # key -> open_clip tensor name
         self._done: dict[str, ZeroSet] = {}
-        self.nbytes = sum(mask_stats(blobs[sources[key]], check_crc=False).zeros * bytes_per_zero[key] for key in sources)
+        self.nbytes = sum(mask_stats(blobs[sources[key]], check_crc=False).zeros * bytes_per_zero[key]
+                          for key in sources)
 
     def __getitem__(self, key: str) -> "ZeroSet":
         found = self._done.get(key)

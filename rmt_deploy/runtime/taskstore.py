@@ -13,17 +13,20 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from rmt_deploy.errors import InputError, UnknownTaskError
 from rmt_deploy.runtime.tasks import CompactTask, TaskHead
+
+if TYPE_CHECKING:
+    from rmt_deploy.runtime.taskpool import ZeroSet
 
 DISK, COLD, WARM, RESIDENT = "disk", "cold", "warm", "resident"
 TIERS = (DISK, COLD, WARM, RESIDENT)
 DEFAULT_WARM_BYTES = 256 << 20  # about 30 ViT-B/16 fp32 tasks at 2.5% zeros
 
 Reader = Callable[[], CompactTask]
-DecodedZeros = Mapping[str, Any]  # stored key -> ZeroSet (rmt_deploy.runtime.taskpool)
+DecodedZeros = Mapping[str, "ZeroSet"]  # stored key -> the task's ZeroSet for that tensor
 Decoder = Callable[[CompactTask], DecodedZeros]
 
 
