@@ -23,8 +23,8 @@ def make_packs(model_name: str, seed: int, zeros: float, folder: Path) -> list[P
     """Two TaskPacks with i.i.d. masks (`zeros` fraction dropped) and random unit heads."""
     import torch
 
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
+    from rmt_deploy.basemodel.loading import fingerprint, load_base, maskable_tensors
 
     torch.manual_seed(seed)
     base = load_base(model_name, None)

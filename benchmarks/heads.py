@@ -3,7 +3,7 @@
 One shared bundle holds three tasks of 47 classes (DTD's size) on the same masks (2.5% zeros):
 `zeroshot` (class-prompt text features), `coop` (learned-prompt text features: the same math)
 and `tip-adapter` with a 16-shot cache (752 fp16 keys). Engine.predict is timed per task,
-interleaved, at batch 1 and 8; the head alone (rmt_deploy.heads on the embeddings) is timed
+interleaved, at batch 1 and 8; the head alone (rmt_deploy.artifacts.heads on the embeddings) is timed
 too, since its cost is far below the encoder's run-to-run noise. Target: tip-adapter predict
 <= 1.05x zeroshot. Writes benchmarks/results/heads.{json,txt}.
 
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from random_tasks import random_base, random_masks, random_pack, unit_rows  # benchmarks/random_tasks.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,8 +34,8 @@ def prepare(model_name: str, work: Path) -> Path:
     bundle = work / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
+    from rmt_deploy.artifacts.heads import Cache
     from rmt_deploy.export import ExportConfig, export_bundle
-    from rmt_deploy.heads import Cache
 
     base = random_base(model_name, work)
     rng = np.random.default_rng(0)
@@ -56,8 +55,8 @@ def prepare(model_name: str, work: Path) -> Path:
 
 def _serving_head(path: Path):
     """The runtime's head of a task file, as the engine builds it."""
-    from rmt_deploy.runtime.tasks import head_of
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
+    from rmt_deploy.runtime.task_reader import head_of
 
     pack = TaskPack.load(path)
     return head_of(pack.name, tuple(pack.class_names), pack.head, pack.logit_scale, pack.head_kind, pack.cache)

@@ -28,8 +28,8 @@ KEEP = ("test_accuracy", "zero_shot_test_accuracy", "mask_only_test_accuracy", "
 def run(seeds: list[int], epochs: int, work: Path) -> list[dict]:
     import torch
 
+    from rmt_deploy.basemodel.loading import load_base, save_checkpoint
     from rmt_deploy.demo.datasets import build_digits, build_textures
-    from rmt_deploy.models import load_base, save_checkpoint
     from rmt_deploy.training.trainer import TrainConfig, train_task
 
     torch.manual_seed(0)  # the demo's base: rmt-tiny-vit, seed 0

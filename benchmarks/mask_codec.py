@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rmt_deploy.masks import decode_mask, decode_zero_indices, encode_mask, entropy_bound_bytes, mask_stats
+from rmt_deploy.artifacts.masks import decode_mask, decode_zero_indices, encode_mask, entropy_bound_bytes, mask_stats
 
 VIT_B16_N = 12 * (2304 * 768 + 768 * 768)
 CASES = {0.025: 2.0, 0.10: 4.0}  # zero rate -> max decode / materialise ratio

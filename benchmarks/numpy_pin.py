@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
 
-    from rmt_deploy.masks import decode_mask, decode_zero_indices, encode_mask
+    from rmt_deploy.artifacts.masks import decode_mask, decode_zero_indices, encode_mask
     from rmt_deploy.runtime.engine import Engine
 
     n = 12 * (2304 * 768 + 768 * 768)

@@ -28,7 +28,7 @@ class RandomBase:
 def random_base(model_name: str, work: Path, seed: int = 0, checkpoint: str = "base.safetensors") -> RandomBase:
     import torch
 
-    from rmt_deploy.models import fingerprint, load_base, maskable_tensors, save_checkpoint
+    from rmt_deploy.basemodel.loading import fingerprint, load_base, maskable_tensors, save_checkpoint
 
     torch.manual_seed(seed)
     base = load_base(model_name, None)
@@ -53,7 +53,7 @@ def random_masks(rng: np.random.Generator, shapes: dict[str, tuple[int, ...]], z
 def random_pack(base: RandomBase, name: str, rng: np.random.Generator, zeros: float, classes: int,
                 masks: dict[str, np.ndarray] | None = None, **fields: Any):
     """A TaskPack on `base` with random masks (or the given ones) and a random unit head."""
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
 
     masks = random_masks(rng, base.shapes, zeros) if masks is None else masks
     return TaskPack(name=name, class_names=[f"c{i}" for i in range(classes)], head=unit_rows(rng, classes, base.embed_dim),

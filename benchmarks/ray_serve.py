@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
 from random_tasks import random_bundle  # benchmarks/random_tasks.py
 
 RESULTS = Path(__file__).parent / "results"

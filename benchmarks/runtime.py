@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from random_tasks import random_bundle  # benchmarks/random_tasks.py
+
 from rmt_deploy.bench.memory import peak_rss_mb
 from rmt_deploy.bench.sessions import folded_session
 
@@ -65,10 +65,10 @@ def _images(batch: int) -> np.ndarray:
 
 
 def measure_switch(work: Path, threads: int, repeats: int) -> dict:
-    from rmt_deploy.bundle import Bundle
-    from rmt_deploy.masks import decode_mask
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.artifacts.masks import decode_mask
+    from rmt_deploy.artifacts.task_file import read_encoded
     from rmt_deploy.runtime.baseweights import SafetensorsReader
-    from rmt_deploy.taskpack import read_encoded
 
     engine = _engine(work, threads, cache_tasks=2)
     order = iter(TASKS * (repeats + 2))
@@ -107,7 +107,7 @@ def measure_switch(work: Path, threads: int, repeats: int) -> dict:
 
 
 def measure_latency(work: Path, threads: int, repeats: int) -> dict:
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     engine = _engine(work, threads, cache_tasks=2)
     plain = folded_session(Bundle.open(work / "bundle"), TASKS[1], threads)
@@ -135,7 +135,7 @@ def measure_rss(work: Path, threads: int, what: str) -> dict:
     """Peak RSS of this process after one configuration ran a batch of 1 (run in a fresh process)."""
     images = _images(1)
     if what == "folded":
-        from rmt_deploy.bundle import Bundle
+        from rmt_deploy.artifacts.bundle import Bundle
 
         session = folded_session(Bundle.open(work / "bundle"), TASKS[0], threads)
         session.run(None, {"image": images})

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from random_tasks import RandomBase, random_base, random_pack  # benchmarks/random_tasks.py
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,8 +88,8 @@ def prepare(work: Path, model_name: str, tasks: int, folded: bool) -> dict:
     info_path = work / "prepared.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    from rmt_deploy.bundle_tasks import add_tasks
     from rmt_deploy.export import ExportConfig, export_bundle
+    from rmt_deploy.tools.bundle_edit import add_tasks
 
     base = random_base(model_name, work)
     packs = work / "packs"
@@ -153,9 +152,10 @@ def part_cold_rss(work: Path, threads: int, count: int) -> dict:
 
 def _floor(work: Path):
     """The materialisation floor: np.multiply of base and a dense mask over every masked tensor."""
-    from rmt_deploy.bundle import Bundle
-    from rmt_deploy.masks import decode_mask
     from safetensors.numpy import load_file
+
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.artifacts.masks import decode_mask
 
     bundle = Bundle.open(work / "bundle-N")
     base = load_file(str(bundle.root / bundle.manifest.base_weights))
@@ -174,8 +174,8 @@ def _floor(work: Path):
 def measure_switch(work: Path, threads: int, samples: int) -> dict:
     """Switch p50/p99 from each tier. The tiers take turns sample by sample, each switch followed by one
     floor sample, so load on the machine falls on all of them alike."""
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.bench.sessions import folded_session
-    from rmt_deploy.bundle import Bundle
     from rmt_deploy.runtime.engine import Engine
 
     floor = _floor(work)
@@ -220,8 +220,8 @@ def measure_switch(work: Path, threads: int, samples: int) -> dict:
 
 def dense_reference(bundle, session, weights: dict, name: str, batch: np.ndarray) -> np.ndarray:
     """Logits of base.onnx fed base * mask: what a folded model of the task computes."""
-    from rmt_deploy.masks import decode_mask
-    from rmt_deploy.taskpack import read_encoded
+    from rmt_deploy.artifacts.masks import decode_mask
+    from rmt_deploy.artifacts.task_file import read_encoded
 
     manifest = bundle.manifest
     encoded = read_encoded(bundle.task_path(name))
@@ -246,8 +246,8 @@ def _base_session(bundle, threads: int):
 
 
 def measure_predict_and_correctness(work: Path, threads: int, repeats: int, sample: int) -> dict:
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.bench.sessions import folded_session
-    from rmt_deploy.bundle import Bundle
     from rmt_deploy.runtime.engine import Engine
 
     bundle = Bundle.open(work / "bundle-N")
@@ -281,12 +281,12 @@ def measure_predict_and_correctness(work: Path, threads: int, repeats: int, samp
 def prepare_adapters(work: Path, count: int) -> list[Path]:
     """A 'defaults' copy of base.onnx (masked inputs with the base as initializers, as LoRA graphs are)
     and `count` AdapterFormat files, each holding one task's dense masked tensors."""
-    import onnxruntime as ort
     import onnx_ir as ir
+    import onnxruntime as ort
 
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.artifacts.masks import decode_mask
     from rmt_deploy.export.onnx import set_defaults
-    from rmt_deploy.masks import decode_mask
 
     folder = work / "adapters"
     paths = [folder / f"task{i}.onnx_adapter" for i in range(1, count + 1)]
@@ -313,7 +313,7 @@ def part_adapter_rss(work: Path, threads: int, count: int) -> dict:
     has served a run (its pages are then resident)."""
     import onnxruntime as ort
 
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     manifest = Bundle.open(work / "bundle-N").manifest
     batch = {manifest.input_name: images(1, tuple(manifest.preprocess.image_size))}
@@ -338,8 +338,8 @@ def part_adapter_rss(work: Path, threads: int, count: int) -> dict:
 
 def part_folded_rss(work: Path, threads: int, count: int) -> dict:
     """RSS growth per folded session of the exported task."""
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.bench.sessions import folded_session
-    from rmt_deploy.bundle import Bundle
 
     bundle = Bundle.open(work / "bundle-1")
     before = rss_mb()
@@ -351,7 +351,7 @@ def measure_adapters(work: Path, threads: int, repeats: int, paths: list[Path]) 
     """The peer's switch and predict beside ours: a run with another adapter than the last vs the same."""
     import onnxruntime as ort
 
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.runtime.engine import Engine
 
     bundle = Bundle.open(work / "bundle-N")
@@ -397,8 +397,8 @@ def prepare_tiny(work: Path, tasks: int) -> dict:
     info_path = work / "tiny.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    from rmt_deploy.bundle_tasks import add_tasks, remove_tasks
     from rmt_deploy.export import ExportConfig, export_bundle
+    from rmt_deploy.tools.bundle_edit import add_tasks, remove_tasks
 
     model_name = "rmt-tiny-vit"
     base = random_base(model_name, work, checkpoint="tiny.safetensors")
@@ -425,7 +425,7 @@ def prepare_tiny(work: Path, tasks: int) -> dict:
 
 def part_tiny(work: Path, threads: int, sample: int) -> dict:
     """Load time and RSS of 10,000 tasks, hot add/remove throughput, a sample checked against dense."""
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.runtime.engine import Engine
 
     before = rss_mb()

@@ -77,7 +77,6 @@ def in_process(engine, concurrency: int, tasks: list[str], steps: int) -> dict:
 def served(url: str, concurrency: int, tasks: list[str], per_client: int) -> dict:
     """`concurrency` gRPC clients, each sending `per_client` one-image requests back to back."""
     import tritonclient.grpc as grpc
-
     from clients import request  # tests/serving/clients.py
 
     images, latencies, failures = _images(concurrency), [], []

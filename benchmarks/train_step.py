@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rmt_deploy.models import load_base, maskable_tensors
+from rmt_deploy.basemodel.loading import load_base, maskable_tensors
 from rmt_deploy.training.distributed import DistContext
 from rmt_deploy.training.masking import MaskedCLIP
 from rmt_deploy.training.trainer import TrainConfig, rmt_step

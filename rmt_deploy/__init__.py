@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "Engine": "rmt_deploy.runtime.engine",
     "Prediction": "rmt_deploy.runtime.engine",
-    "TaskPack": "rmt_deploy.taskpack",
-    "Bundle": "rmt_deploy.bundle",
+    "TaskPack": "rmt_deploy.artifacts.task_file",
+    "Bundle": "rmt_deploy.artifacts.bundle",
     "RmtError": "rmt_deploy.errors",
     "ArtifactError": "rmt_deploy.errors",
     "IncompatibleBaseError": "rmt_deploy.errors",

@@ -1,6 +1,7 @@
-"""Shared fixtures: a tiny open_clip base saved as a local checkpoint, and task packs on it."""
+"""Shared fixtures: a tiny open_clip base saved as a local checkpoint, task packs on it, bundles holding them, and the torch reference."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ TINY_MODEL = "rmt-tiny-vit"
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A seeded random rmt-tiny-vit saved as .safetensors, loaded as a user's checkpoint would be."""
     torch = pytest.importorskip("torch")
-    from rmt_deploy.models import load_base, save_checkpoint
+    from rmt_deploy.basemodel.loading import load_base, save_checkpoint
 
     torch.manual_seed(0)
     base = load_base(TINY_MODEL, None)
@@ -23,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tiny_checkpoint):
     """The tiny base loaded back from its checkpoint file (do not modify in place)."""
-    from rmt_deploy.models import load_base
+    from rmt_deploy.basemodel.loading import load_base
 
     return load_base(TINY_MODEL, str(tiny_checkpoint))
 
@@ -31,8 +32,8 @@ def tiny_base(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def make_taskpack(tiny_base):
     """Factory: a TaskPack on the tiny base with random masks (p zeros) and a random head."""
-    from rmt_deploy.models import fingerprint, maskable_tensors
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
+    from rmt_deploy.basemodel.loading import fingerprint, maskable_tensors
 
     tensors = maskable_tensors(tiny_base.model)
     base_fp = fingerprint(TINY_MODEL, tensors)
@@ -55,3 +56,74 @@ def make_taskpack(tiny_base):
         )
 
     return make
+
+
+TASKS = {"alpha": 1, "beta": 2, "gamma": 3}  # name -> seed
+
+
+@pytest.fixture(scope="session")
+def packs(make_taskpack):
+    """Three tasks on the tiny base, 10% zeros, different class counts."""
+    return {name: make_taskpack(name, seed=seed, zeros=0.1, classes=2 + seed) for name, seed in TASKS.items()}
+
+
+@pytest.fixture(scope="session")
+def images():
+    """A float32 NCHW batch of 5 preprocessed random images for the tiny base (32x32)."""
+    return np.random.default_rng(7).standard_normal((5, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_base):
+    """reference(pack, batch) -> logits from the torch model with the pack's masks applied."""
+    torch = pytest.importorskip("torch")
+
+    def logits(pack, batch):
+        model = copy.deepcopy(tiny_base.model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, keep in pack.masks.items():
+                params[name].mul_(torch.from_numpy(keep))
+            emb = model.encode_image(torch.from_numpy(batch), normalize=True).numpy()
+        return pack.logit_scale * emb @ pack.head.T
+
+    return logits
+
+
+@pytest.fixture(scope="session")
+def torch_bundle(tmp_path_factory, tiny_base, tiny_checkpoint, packs):
+    """A bundle with a manifest and tasks but no ONNX: enough for the torch backend."""
+    from rmt_deploy.artifacts.bundle import Bundle, Manifest, MaskedTensor, Preprocess, record_files
+    from rmt_deploy.basemodel.loading import fingerprint, maskable_tensors, preprocess_config
+
+    root = tmp_path_factory.mktemp("torch_bundle")
+    (root / "tasks").mkdir()
+    tensors = maskable_tensors(tiny_base.model)
+    manifest = Manifest(
+        model_name=TINY_MODEL, pretrained=str(tiny_checkpoint),
+        fingerprint=fingerprint(TINY_MODEL, tensors),
+        preprocess=Preprocess(**preprocess_config(tiny_base.model)),
+        masked_tensors=[MaskedTensor(n, list(t.shape), "float32", n.replace(".", "_")) for n, t in tensors.items()],
+        embed_dim=tiny_base.model.visual.output_dim, tasks=list(packs), files={}, max_batch=4,
+    )
+    for name, pack in packs.items():
+        pack.save(root / "tasks" / f"{name}.rmtask")
+    manifest.checksums = record_files(root)
+    (root / "manifest.json").write_text(manifest.to_json())
+    return Bundle.open(root)
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tmp_path_factory, tiny_checkpoint, packs):
+    """A bundle exported by rmt_deploy.export (shared + folded ONNX) holding the three tasks."""
+    export = pytest.importorskip("rmt_deploy.export", reason="rmt_deploy.export is not available yet")
+    root = tmp_path_factory.mktemp("packs")
+    paths = [pack.save(root / f"{name}.rmtask") for name, pack in packs.items()]
+    out = tmp_path_factory.mktemp("onnx_bundle") / "bundle"
+    config = export.ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_paths=paths, out=out, target="onnx",
+                                 mode="both", max_batch=4)
+    export.export_bundle(config, progress=False)
+    from rmt_deploy.artifacts.bundle import Bundle
+
+    return Bundle.open(out)
+

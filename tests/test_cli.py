@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rmt_deploy import __version__
+from rmt_deploy.artifacts.task_file import TaskPack
 from rmt_deploy.cli import main
-from rmt_deploy.taskpack import TaskPack
 
 
 def _run(args, capsys):

@@ -10,37 +10,37 @@ import pytest
 RUNTIME_PATH_MODULES = [
     "rmt_deploy",
     "rmt_deploy.errors",
-    "rmt_deploy.masks",
-    "rmt_deploy.fingerprint",
-    "rmt_deploy.taskpack",
-    "rmt_deploy.bundle",
-    "rmt_deploy.inspect_task",
+    "rmt_deploy.artifacts.masks",
+    "rmt_deploy.artifacts.fingerprint",
+    "rmt_deploy.artifacts.task_file",
+    "rmt_deploy.artifacts.bundle",
+    "rmt_deploy.tools.task_summary",
     "rmt_deploy.cli",
-    "rmt_deploy.preprocess",
+    "rmt_deploy.runtime.preprocess",
     "rmt_deploy.runtime.engine",
-    "rmt_deploy.runtime.cli",
+    "rmt_deploy.cli.predict",
     "rmt_deploy.runtime.backends.onnxruntime",
     "rmt_deploy.runtime.backends.tensorrt",
-    "rmt_deploy.bench.cli",
+    "rmt_deploy.cli.bench",
     "rmt_deploy.bench.memory",
-    "rmt_deploy.tensorrt_files",
+    "rmt_deploy.artifacts.tensorrt_files",
     "rmt_deploy.serving",
     "rmt_deploy.serving.protocol",
     "rmt_deploy.serving.metrics",
     "rmt_deploy.serving.triton_model",
     "rmt_deploy.serving.triton_repo",
     "rmt_deploy.serving.tritonserver",
-    "rmt_deploy.serving.cli",
+    "rmt_deploy.cli.serve",
     "rmt_deploy.serving.kserve_http",
     "rmt_deploy.serving.ray_config",
     "rmt_deploy.serving.ray_ingress",
     "rmt_deploy.serving.ray_replica",
     "rmt_deploy.serving.ray",
     # need torch to run, but listing or importing them must stay cheap
-    "rmt_deploy.export.cli",
+    "rmt_deploy.cli.export",
     "rmt_deploy.export.tensorrt",
-    "rmt_deploy.training.cli",
-    "rmt_deploy.demo.cli",
+    "rmt_deploy.cli.train",
+    "rmt_deploy.cli.demo",
 ]
 HEAVY = ["torch", "torchvision", "open_clip"]
 
@@ -78,7 +78,7 @@ def test_missing_optional_package_names_the_extra():
         import sys
         sys.modules["open_clip"] = None
         from rmt_deploy.errors import MissingDependencyError
-        from rmt_deploy.models import load_base
+        from rmt_deploy.basemodel.loading import load_base
         try:
             load_base("rmt-tiny-vit")
         except MissingDependencyError as exc:

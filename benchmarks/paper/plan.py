@@ -33,7 +33,7 @@ class Cell:
     shots: int
     seed: int
     target: str | None = None  # domain cells: the variant evaluated
-    head: str = "zeroshot"  # combined cells: the head trained with the masks (rmt_deploy.heads)
+    head: str = "zeroshot"  # combined cells: the head trained with the masks (rmt_deploy.artifacts.heads)
 
     def train_dir(self, out: Path) -> Path:
         protocol = "few_shot" if self.protocol == "domain" else self.protocol

@@ -29,7 +29,8 @@ import table  # noqa: E402
 from plot import shots_plot  # noqa: E402
 from published import PUBLISHED_16_SHOT  # noqa: E402
 
-from rmt_deploy.taskpack import SUFFIX, write_atomic  # noqa: E402
+from rmt_deploy.artifacts.staging import write_atomic  # noqa: E402
+from rmt_deploy.artifacts.task_file import SUFFIX  # noqa: E402
 from rmt_deploy.training.distributed import DistContext, init_distributed  # noqa: E402
 from rmt_deploy.training.evaluation import EvalConfig, evaluate_taskpack  # noqa: E402
 from rmt_deploy.training.trainer import TrainConfig, train_task  # noqa: E402
@@ -94,7 +95,7 @@ class Sweep:
         if (folder / planning.METRICS).is_file():
             return
         if self.base is None:  # one base for the whole sweep; training never changes its weights
-            from rmt_deploy.models import load_base
+            from rmt_deploy.basemodel.loading import load_base
 
             self.base = load_base(self.args.model, self.args.pretrained, device=str(self.dist.device))
         a = self.args

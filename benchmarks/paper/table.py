@@ -6,8 +6,13 @@ import statistics
 from pathlib import Path
 
 from plan import METRICS, Cell
-from published import (METHOD_ALONE_COLUMN, PUBLISHED_16_SHOT, PUBLISHED_AVERAGE, PUBLISHED_COMBINED_AVERAGE,
-                       PUBLISHED_RMT_AVERAGE_BY_SHOTS)
+from published import (
+    METHOD_ALONE_COLUMN,
+    PUBLISHED_16_SHOT,
+    PUBLISHED_AVERAGE,
+    PUBLISHED_COMBINED_AVERAGE,
+    PUBLISHED_RMT_AVERAGE_BY_SHOTS,
+)
 
 
 def _stats(values: list[float]) -> dict:

@@ -37,7 +37,7 @@ def peak_rss_mb() -> float:
 def measure(bundle: str, variant: str, tasks: list[str], cache_tasks: int, threads: int | None,
             backend: str = "auto", device: str = "cpu") -> dict[str, Any]:
     """Serve `tasks` one batch each in the chosen set-up, in this process; report peak RSS."""
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     opened = Bundle.open(bundle)
     size = opened.manifest.preprocess.image_size

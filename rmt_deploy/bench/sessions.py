@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmt_deploy.bundle import FOLDED_TASK_KEY, Bundle
+from rmt_deploy.artifacts.bundle import FOLDED_TASK_KEY, Bundle
+from rmt_deploy.artifacts.integrity import REBUILD, BackgroundHash
 from rmt_deploy.errors import ArtifactError, require
-from rmt_deploy.integrity import REBUILD, BackgroundHash
 
 
 def folded_session(bundle: Bundle, task: str, threads: int | None = None) -> Any:

@@ -17,12 +17,12 @@ from typing import Any, Callable
 import numpy as np
 
 from rmt_deploy import __version__
+from rmt_deploy.artifacts.bundle import Bundle
+from rmt_deploy.artifacts.heads import head_nbytes
 from rmt_deploy.bench.memory import measure_in_subprocess
 from rmt_deploy.bench.sessions import folded_session
 from rmt_deploy.bench.timing import interleaved, summarize_ms, time_call
-from rmt_deploy.bundle import Bundle
 from rmt_deploy.errors import InputError, InternalError
-from rmt_deploy.heads import head_nbytes
 
 SCHEMA_ID = "rmt-deploy.bench/1"
 
@@ -112,7 +112,7 @@ class _Runner:
         return self.rng.standard_normal((size, *self.image_shape)).astype(np.float32)
 
     def latency(self) -> list[dict[str, Any]]:
-        from rmt_deploy.runtime.taskpool import BASE
+        from rmt_deploy.runtime.buffer_pool import BASE
 
         rows = []
         for size in self.config.batch_sizes:

@@ -6,7 +6,6 @@ the tasks are real images that ship inside scikit-image and scikit-learn.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rmt_deploy.artifacts.staging import staged_folder
 from rmt_deploy.demo.datasets import DemoTask, build_digits, build_textures
 from rmt_deploy.errors import InputError, require
-from rmt_deploy.staging import staged_folder
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class DemoConfig:
 def _build_base(config: DemoConfig, folder: Path) -> Path:
     """Seeded random weights for the demo model, saved as a local checkpoint file."""
     torch = require("torch", "train")
-    from rmt_deploy.models import load_base, save_checkpoint
+    from rmt_deploy.basemodel.loading import load_base, save_checkpoint
 
     torch.manual_seed(config.seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +121,7 @@ def run_demo(config: DemoConfig, out: Path, say: Callable[[str], None] = print) 
 
 def _point_bundle_at_checkpoint(bundle_dir: Path, checkpoint: Path) -> None:
     """The bundle recorded the checkpoint's staging path; record where it now lies."""
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     bundle = Bundle.open(bundle_dir)
     bundle.manifest.pretrained = str(checkpoint.resolve())
@@ -159,8 +158,3 @@ def _run_stages(config: DemoConfig, stage: Path, say: Callable[[str], None]) -> 
     return {"config": asdict(config), "checkpoint": str(checkpoint.relative_to(stage)),
             "tasks": {t.name: {"classes": t.class_names, "template": t.template} for t in tasks},
             "training": training, "export": export, "serving": serving, "bench": bench, "timings": timings}
-
-
-def save_json(data: dict[str, Any], path: Path) -> None:
-    """Write JSON with numpy scalars converted."""
-    path.write_text(json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

@@ -105,10 +105,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 def write_report(report: dict[str, Any], folder: Path) -> None:
     """Write report.json, report.md, report.png and bench.png into folder."""
+    from rmt_deploy.artifacts.staging import write_json
     from rmt_deploy.bench.report import plot
-    from rmt_deploy.demo.pipeline import save_json
 
-    save_json(report, folder / "report.json")
+    write_json(folder / "report.json", report)
     (folder / "report.md").write_text(_markdown(report))
     _plot(report, folder / "report.png")
     plot(report["bench"], folder / "bench.png")

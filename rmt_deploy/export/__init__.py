@@ -1,6 +1,7 @@
 """Export: a base model plus TaskPacks -> a bundle of shared and/or folded ONNX (and TensorRT) models.
 
-`export_bundle(ExportConfig(...))` is the API; `rmt-deploy export` is its CLI.
+`export_bundle(ExportConfig(...))` is the API; `rmt-deploy export` (rmt_deploy.cli.export) its CLI.
+May import: rmt_deploy.basemodel, rmt_deploy.artifacts, rmt_deploy.errors.
 Importing this package is cheap: torch and onnx load only when exporting.
 """
 from __future__ import annotations

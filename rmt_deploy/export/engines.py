@@ -9,13 +9,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rmt_deploy.bundle import FOLDED_DIR, Preprocess
+from rmt_deploy.artifacts.bundle import FOLDED_DIR, Preprocess
+from rmt_deploy.artifacts.task_file import TaskPack
+from rmt_deploy.artifacts.tensorrt_files import engine_file_name
 from rmt_deploy.errors import InternalError
 from rmt_deploy.export import onnx as graphs
 from rmt_deploy.export import tensorrt as rt
 from rmt_deploy.export import verify
-from rmt_deploy.taskpack import TaskPack
-from rmt_deploy.tensorrt_files import engine_file_name
 
 _SCRATCH = ".tensorrt-base.onnx"
 

@@ -4,7 +4,7 @@ The shared graph is traced once with the dynamo exporter from a wrapper whose
 forward takes the masked weights as extra inputs (torch.func.functional_call),
 so ORT's constant folding can never reach them. A folded model is the same
 graph with those inputs turned into initializers (W * M) and the task's head
-appended (rmt_deploy.heads: the text head, plus Tip-Adapter's cache for those
+appended (rmt_deploy.artifacts.heads: the text head, plus Tip-Adapter's cache for those
 kinds), built by graph surgery instead of a second trace.
 """
 from __future__ import annotations
@@ -16,12 +16,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rmt_deploy.artifacts.bundle import EMBEDDING_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT
+from rmt_deploy.artifacts.heads import Cache
 from rmt_deploy.errors import InternalError, require
-from rmt_deploy.heads import Cache
 
-IMAGE_INPUT = "image"
-EMBEDDING_OUTPUT = "embedding"
-LOGITS_OUTPUT = "logits"
 BATCH_DIM = "batch"
 # protobuf cannot serialise more than 2 GiB; above this many weight bytes, files use external data
 EXTERNAL_DATA_BYTES = 1 << 30

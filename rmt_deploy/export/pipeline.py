@@ -14,17 +14,25 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rmt_deploy.bundle import (FOLDED_DIR, FOLDED_TASK_KEY, MANIFEST, TASKS_DIR, Bundle, Manifest, MaskedTensor, Preprocess,
-                               record_files)
+from rmt_deploy.artifacts.bundle import (
+    FOLDED_DIR,
+    FOLDED_TASK_KEY,
+    MANIFEST,
+    TASKS_DIR,
+    Bundle,
+    Manifest,
+    MaskedTensor,
+    Preprocess,
+    record_files,
+)
+from rmt_deploy.artifacts.fingerprint import short
+from rmt_deploy.artifacts.heads import head_nbytes
+from rmt_deploy.artifacts.staging import staged_folder
+from rmt_deploy.artifacts.task_file import SUFFIX, TaskPack
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
-from rmt_deploy.export import DEFAULTS, ExportConfig
+from rmt_deploy.export import DEFAULTS, ExportConfig, verify
 from rmt_deploy.export import onnx as graphs
-from rmt_deploy.export import verify
 from rmt_deploy.export.report import ExportReport, TaskReport
-from rmt_deploy.fingerprint import short
-from rmt_deploy.heads import head_nbytes
-from rmt_deploy.staging import staged_folder
-from rmt_deploy.taskpack import SUFFIX, TaskPack
 
 BASE_ONNX = "base.onnx"
 BASE_WEIGHTS = "base_weights.safetensors"
@@ -75,7 +83,7 @@ def export_bundle(config: ExportConfig, progress: bool = True) -> ExportReport:
 
 
 def _load_base(config: ExportConfig, packs: list[TaskPack]) -> _Base:
-    from rmt_deploy.models import fingerprint, load_base, preprocess_config
+    from rmt_deploy.basemodel.loading import fingerprint, load_base, preprocess_config
 
     loaded = load_base(config.model_name, config.pretrained)
     params = _masked_params(loaded.model, packs, config.model_name)

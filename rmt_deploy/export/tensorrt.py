@@ -5,7 +5,7 @@ weights are marked refittable (plain REFIT disables fusions; REFIT_IDENTICAL
 forbids new weights); a task switch refits those weights. Folded mode: one
 plain engine per task. FP16 goes through the strongly typed fp16 ONNX, since
 TensorRT 11 has no FP16 builder flag. Engines are tied to a GPU model and a
-TensorRT version: both are in the file name and the manifest (rmt_deploy.tensorrt_files
+TensorRT version: both are in the file name and the manifest (rmt_deploy.artifacts.tensorrt_files
 names engine files and says whether one runs here, for export and runtime alike).
 
 The parts that need no GPU (refit map, build plan, names, manifest entries)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rmt_deploy import heads
+from rmt_deploy.artifacts import heads
 from rmt_deploy.errors import ArtifactError, require
 from rmt_deploy.export.fp16 import agreement
 
@@ -73,7 +73,7 @@ def torch_embeddings(visual: Any, masked: Mapping[str, np.ndarray], images: np.n
 
 
 def logits(embeddings: np.ndarray, pack: Any) -> np.ndarray:
-    """The runtime's head of a TaskPack's kind (rmt_deploy.heads) over embeddings."""
+    """The runtime's head of a TaskPack's kind (rmt_deploy.artifacts.heads) over embeddings."""
     return heads.logits(embeddings, pack.head, pack.logit_scale, pack.cache)
 
 

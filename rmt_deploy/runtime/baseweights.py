@@ -1,6 +1,6 @@
 """The base values of the masked tensors, read from the bundle's weights file (numpy only).
 
-The file is safetensors with a validated header (rmt_deploy.safetensors_header). Its
+The file is safetensors with a validated header (rmt_deploy.artifacts.safetensors_header). Its
 tensors are read front to back with `readinto` straight into the pool's first buffer
 while every byte is hashed, so loading holds no second dense copy and reads the file
 once; the digest is checked against the manifest's record at the end.
@@ -13,9 +13,9 @@ from typing import Mapping
 
 import numpy as np
 
+from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, Sha256Reader
+from rmt_deploy.artifacts.safetensors_header import Header, TensorEntry, header_length, parse_header
 from rmt_deploy.errors import ArtifactError
-from rmt_deploy.integrity import REBUILD, FileRecord, Sha256Reader
-from rmt_deploy.safetensors_header import Header, TensorEntry, header_length, parse_header
 
 
 class SafetensorsReader:

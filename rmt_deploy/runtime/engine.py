@@ -22,18 +22,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import Bundle
+from rmt_deploy.artifacts.fingerprint import fingerprint_arrays, short
+from rmt_deploy.artifacts.heads import HeadMath
+from rmt_deploy.artifacts.integrity import REBUILD
+from rmt_deploy.artifacts.masks import decode_zero_indices
+from rmt_deploy.artifacts.task_file import TaskPack
 from rmt_deploy.errors import ArtifactError, InputError
-from rmt_deploy.fingerprint import fingerprint_arrays, short
-from rmt_deploy.heads import HeadMath
-from rmt_deploy.integrity import REBUILD
-from rmt_deploy.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime import backends
-from rmt_deploy.runtime.taskpool import BASE, Lease, TaskPool, TensorSpec, ZeroSet
-from rmt_deploy.masks import decode_zero_indices
-from rmt_deploy.runtime.tasks import CompactTask, LazyZeros, TaskHead, read_compact
-from rmt_deploy.runtime.taskstore import DEFAULT_WARM_BYTES, RESIDENT, TaskStore, check_warm_bytes
-from rmt_deploy.taskpack import TaskPack
+from rmt_deploy.runtime.buffer_pool import BASE, Lease, TaskPool, TensorSpec, ZeroSet
+from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
+from rmt_deploy.runtime.task_reader import CompactTask, LazyZeros, TaskHead, read_compact
+from rmt_deploy.runtime.task_tiers import DEFAULT_WARM_BYTES, RESIDENT, TaskStore, check_warm_bytes
 
 __all__ = ["Engine", "Prediction"]
 

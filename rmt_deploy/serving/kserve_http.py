@@ -19,8 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rmt_deploy.serving.protocol import (DATATYPES, ImageLimits, RequestError, tensor_from_json,
-                                         tensor_to_json, INPUTS)
+from rmt_deploy.serving.protocol import DATATYPES, INPUTS, ImageLimits, RequestError, tensor_from_json, tensor_to_json
 
 __all__ = ["HEADER_LENGTH", "InferRequest", "parse_infer_request", "encode_infer_response", "error_body"]
 

@@ -69,7 +69,7 @@ def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address
     hold), and shut Serve and Ray down only when this call started them."""
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     Bundle.open(config.bundle)  # a bad path or manifest fails here, before a cluster starts
     address = address or os.environ.get("RAY_ADDRESS") or None

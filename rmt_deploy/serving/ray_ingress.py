@@ -25,8 +25,13 @@ import numpy as np
 from rmt_deploy import __version__
 from rmt_deploy.errors import InternalError, RmtError
 from rmt_deploy.serving import protocol
-from rmt_deploy.serving.kserve_http import HEADER_LENGTH, InferRequest, encode_infer_response, error_body, \
-    parse_infer_request
+from rmt_deploy.serving.kserve_http import (
+    HEADER_LENGTH,
+    InferRequest,
+    encode_infer_response,
+    error_body,
+    parse_infer_request,
+)
 from rmt_deploy.serving.ray_config import RayServeConfig
 
 __all__ = ["KServeIngress", "ReplicaUnavailable"]
@@ -42,7 +47,7 @@ class KServeIngress:
     """HTTP front door: KServe v2 over one deployment of TaskReplicas (or several, round-robin)."""
 
     def __init__(self, replicas: Any, config: dict[str, Any]):
-        from rmt_deploy.bundle import Bundle
+        from rmt_deploy.artifacts.bundle import Bundle
 
         self._config = cfg = RayServeConfig.from_dict(config)
         self._handles = list(replicas) if isinstance(replicas, (list, tuple)) else [replicas]

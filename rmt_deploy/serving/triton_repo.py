@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import IMAGE_INPUT, LOGITS_OUTPUT, Bundle
+from rmt_deploy.artifacts.staging import staged_folder
 from rmt_deploy.errors import InputError
 from rmt_deploy.serving import protocol
-from rmt_deploy.staging import staged_folder
 
 if TYPE_CHECKING:
     from rmt_deploy.export import ExportConfig
@@ -110,8 +110,6 @@ def write_engine_model(repo: Path, bundle: Bundle, config: ServingConfig) -> Pat
 
 def write_folded_models(repo: Path, bundle: Bundle, config: ServingConfig) -> list[str]:
     """REPO/<task>/ for every task with a folded ONNX model; returns the task names written."""
-    from rmt_deploy.export.onnx import IMAGE_INPUT, LOGITS_OUTPUT
-
     written = []
     size = _image_size(bundle)
     for task in bundle.tasks:

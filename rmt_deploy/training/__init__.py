@@ -1,5 +1,7 @@
-"""Regularized Mask Tuning training: masks, gradient dropout, data, the trainer and its CLI.
+"""Regularized Mask Tuning training: masks, gradient dropout, data, heads and the trainer.
 
+May import: rmt_deploy.runtime.preprocess (so trained and served images go through one image
+path), rmt_deploy.basemodel, rmt_deploy.artifacts, rmt_deploy.errors.
 Names are imported lazily so that listing CLI commands never imports torch.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ validation split over a grid (200 betas, 20 alphas from 0.1 up to the dataset's 
 scale), keeping the first best. Tip-Adapter-F fine-tunes the keys (AdamW lr 1e-3, eps 1e-4,
 cosine per step, 20 epochs, batch 256) before the search. Here the encoder is the task's
 masked one, and keys are rounded to fp16 before the search, so the searched alpha and beta
-fit the stored cache exactly; logits come from rmt_deploy.heads, the runtime's function.
+fit the stored cache exactly; logits come from rmt_deploy.artifacts.heads, the runtime's function.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmt_deploy.heads import Cache
-from rmt_deploy.training.data import Sample
+from rmt_deploy.artifacts.heads import Cache
+from rmt_deploy.training.datasets import Sample
 from rmt_deploy.training.loading import SeededSampler, batches
 
 AUGMENT_VIEWS = 10

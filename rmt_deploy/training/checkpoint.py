@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from rmt_deploy.artifacts.staging import write_atomic
 from rmt_deploy.errors import ArtifactError, InputError
-from rmt_deploy.taskpack import write_atomic
 
 FORMAT = "rmt-deploy.train-checkpoint"
 VERSION = 1

@@ -6,16 +6,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from rmt_deploy.artifacts.heads import ZEROSHOT, check_kind
+from rmt_deploy.artifacts.task_file import check_task_name
+from rmt_deploy.basemodel.loading import MASK_GROUPS
 from rmt_deploy.errors import InputError
-from rmt_deploy.heads import ZEROSHOT, check_kind
-from rmt_deploy.models import MASK_GROUPS
-from rmt_deploy.taskpack import check_task_name
-from rmt_deploy.training.data import SUBSAMPLES, resolve_dataset
 from rmt_deploy.training.cache import AUGMENT_VIEWS
+from rmt_deploy.training.data import SUBSAMPLES, resolve_dataset
 from rmt_deploy.training.masking import SCORE_INIT, THRESHOLD
+from rmt_deploy.training.precision import DEFAULT_PRECISION, PRECISIONS
 from rmt_deploy.training.prompts import LR as COOP_LR
 from rmt_deploy.training.prompts import N_CTX
-from rmt_deploy.training.precision import DEFAULT_PRECISION, PRECISIONS
 from rmt_deploy.training.recipe import recipe_for
 from rmt_deploy.training.regularizer import SCORE_L2_WEIGHT
 
@@ -63,7 +63,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: bool = False
     progress: bool = True
-    head: str = ZEROSHOT  # zeroshot | coop | tip-adapter | tip-adapter-f (rmt_deploy.heads)
+    head: str = ZEROSHOT  # zeroshot | coop | tip-adapter | tip-adapter-f (rmt_deploy.artifacts.heads)
     coop_n_ctx: int = N_CTX  # CoOp context tokens (ignored with coop_ctx_init: its word count)
     coop_ctx_init: str = ""  # e.g. "a photo of a"; "" draws the context from N(0, 0.02)
     coop_lr: float = COOP_LR  # CoOp's SGD rate: warm-up epoch at 1e-5, then cosine

@@ -16,56 +16,28 @@ import random
 import re
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.training.datasets import (
+    COOP_DATASETS,
+    CoopDataset,
+    FewShotData,
+    Sample,
+    class_folders,
+    clean_class_name,
+    images_in,
+    read_classnames,
+)
+from rmt_deploy.training.variants import read_variant
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGEFOLDER = "imagefolder"
 IMAGEFOLDER_TEMPLATE = "a photo of a {}."
 SPLIT_SEED = 0  # the seeded train/val/test split of an imagefolder is fixed; --seed picks the shots
 SPLIT_FRACTIONS = (0.5, 0.2)  # train, val; the rest is test (as Dassl's read_and_split_data)
 
 
-@dataclass(frozen=True)
-class CoopDataset:
-    """Where a CoOp dataset lives under the data root and how its prompts read."""
-
-    key: str
-    coop_name: str
-    folder: str
-    image_dir: str
-    split_file: str
-    template: str
-
-
-COOP_DATASETS = {
-    d.key: d
-    for d in [
-        CoopDataset("imagenet", "ImageNet", "imagenet", "images", "classnames.txt", "a photo of a {}."),
-        CoopDataset("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories",
-                    "split_zhou_Caltech101.json", "a photo of a {}."),
-        CoopDataset("oxford_pets", "OxfordPets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
-                    "a photo of a {}, a type of pet."),
-        CoopDataset("stanford_cars", "StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json",
-                    "a photo of a {}."),
-        CoopDataset("oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
-                    "a photo of a {}, a type of flower."),
-        CoopDataset("food101", "Food101", "food-101", "images", "split_zhou_Food101.json",
-                    "a photo of {}, a type of food."),
-        CoopDataset("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "variants.txt",
-                    "a photo of a {}, a type of aircraft."),
-        CoopDataset("sun397", "SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
-        CoopDataset("dtd", "DescribableTextures", "dtd", "images", "split_zhou_DescribableTextures.json",
-                    "{} texture."),
-        CoopDataset("eurosat", "EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json",
-                    "a centered satellite photo of {}."),
-        CoopDataset("ucf101", "UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
-                    "a photo of a person doing {}."),
-    ]
-}
 IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # test only (variants.py)
 DATASET_NAMES = (*COOP_DATASETS, *IMAGENET_VARIANTS, IMAGEFOLDER)
 SUBSAMPLES = ("all", "base", "new")
@@ -80,36 +52,6 @@ _EUROSAT_NAMES = {
     "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
     "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "SeaLake": "Sea or Lake",
 }
-
-Sample = tuple[Path, int]
-
-
-@dataclass
-class FewShotData:
-    """One dataset's class names, prompt template and its three splits."""
-
-    name: str
-    class_names: list[str]
-    template: str
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample]
-    # a class subset of a larger label space (base/new halves, ImageNet-A/R): that space's class names,
-    # and the index in it of each of this dataset's classes
-    parent_classes: list[str] | None = None
-    parent_index: list[int] | None = None
-
-    def split(self, split: str) -> list[Sample]:
-        """The samples of 'train', 'val' or 'test'."""
-        if split not in ("train", "val", "test"):
-            raise InputError(f"split {split!r} is not one of train, val, test")
-        return getattr(self, split)
-
-
-def clean_class_name(name: str, renames: dict[str, str] | None = None) -> str:
-    """CoOp clean-up: lower case, '_' as a space (after a dataset's own renames, e.g. EuroSAT's)."""
-    return (renames or {}).get(name, name).replace("_", " ").lower().strip()
-
 
 def resolve_dataset(name: str) -> str:
     """A dataset key from a key, a CoOp class name or a folder name (case-insensitive)."""
@@ -130,7 +72,6 @@ def build_dataset(name: str, root: str | Path, shots: int, seed: int, subsample:
     if not root.is_dir():
         raise InputError(f"data root {str(root)!r} does not exist or is not a folder: pass --data-root DIR")
     if key in IMAGENET_VARIANTS:
-        from rmt_deploy.training.variants import read_variant  # it builds on this module's readers
 
         data = read_variant(key, root)
     elif key == IMAGEFOLDER:
@@ -281,18 +222,6 @@ def _read_aircraft(spec: CoopDataset, folder: Path) -> FewShotData:
     return FewShotData(spec.key, names, spec.template, parts["train"], parts["val"], parts["test"])
 
 
-def read_classnames(path: Path) -> dict[str, str]:
-    """CoOp's ImageNet classnames.txt: one '<wnid> <class name>' per line, in file order."""
-    if not path.is_file():
-        raise InputError(f"class name file {str(path)!r} not found: copy CoOp's imagenet/classnames.txt there")
-    names = {}
-    for line in path.read_text().splitlines():
-        wnid, _, cname = line.strip().partition(" ")
-        if wnid:
-            names[wnid] = cname.strip()
-    return names
-
-
 def _read_imagenet(spec: CoopDataset, folder: Path) -> FewShotData:
     """imagenet/images/{train,val}/<wnid>/ + classnames.txt ('<wnid> <name>'); val is the test split."""
     names_file = folder / spec.split_file
@@ -312,14 +241,6 @@ def _read_imagenet(spec: CoopDataset, folder: Path) -> FewShotData:
         parts[part] = [(img, label[w]) for w in found for img in images_in(split_dir / w)]
     class_names = [clean_class_name(wnid_names[w]) for w in wnids]
     return FewShotData(spec.key, class_names, spec.template, parts["train"], list(parts["test"]), parts["test"])
-
-
-def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
-def class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _read_imagefolder(root: Path) -> FewShotData:

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmt_deploy import heads
+from rmt_deploy.artifacts import heads
+from rmt_deploy.artifacts.task_file import TaskPack
+from rmt_deploy.basemodel.loading import BaseModel, fingerprint, load_base
 from rmt_deploy.errors import InputError
-from rmt_deploy.models import BaseModel, fingerprint, load_base
-from rmt_deploy.taskpack import TaskPack
-from rmt_deploy.training.data import FewShotData, Sample, build_dataset
+from rmt_deploy.training.data import build_dataset
+from rmt_deploy.training.datasets import FewShotData, Sample
 from rmt_deploy.training.distributed import DistContext, resolve_device
 from rmt_deploy.training.loading import ImageDataset, batches
 from rmt_deploy.training.masking import apply_masks_

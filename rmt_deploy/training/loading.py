@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.preprocess import load_image as read_image_file
-from rmt_deploy.training.data import Sample
+from rmt_deploy.runtime.preprocess import load_image as read_image_file
+from rmt_deploy.training.datasets import Sample
 
 
 def load_image(path: Path):

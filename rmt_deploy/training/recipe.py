@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rmt_deploy.training.data import COOP_DATASETS
+from rmt_deploy.training.datasets import COOP_DATASETS
 
 DEFAULT_LR = 8e-5
 DEFAULT_EPOCHS = 30

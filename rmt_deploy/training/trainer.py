@@ -4,7 +4,7 @@ A step (reference/RMT.md): student logits with masks on; teacher logits with
 masks off under no_grad; g_kl = dL_kl/dS and g_ce = d(L_ce + 1e-4 sum||S||_2)/dS
 from two backward passes over the one student graph; averaged across ranks;
 gradient dropout; Adam. `--no-gdr` is plain mask tuning (one backward, no teacher).
-Heads (rmt_deploy.heads, training.prompts, training.cache): `coop` learns CoOp's prompt
+Heads (rmt_deploy.artifacts.heads, training.prompts, training.cache): `coop` learns CoOp's prompt
 context on the same cross-entropy, in the same steps (SGD, its own schedule; the teacher
 sees the current prompts, detached); the tip-adapter heads build Tip-Adapter's cache over
 the trained masked encoder after the last epoch.
@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rmt_deploy import heads
+from rmt_deploy.artifacts import heads
+from rmt_deploy.artifacts.staging import write_atomic
+from rmt_deploy.artifacts.task_file import SUFFIX, TaskPack
+from rmt_deploy.basemodel.loading import BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
 from rmt_deploy.errors import InputError
-from rmt_deploy.models import BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
-from rmt_deploy.taskpack import SUFFIX, TaskPack, write_atomic
 from rmt_deploy.training import cache as tip
 from rmt_deploy.training import checkpoint
 from rmt_deploy.training.config import ADDED_DEFAULTS, CONFIG_VERSION, TrainConfig  # noqa: F401  (public here too)
@@ -36,8 +37,8 @@ from rmt_deploy.training.evaluation import class_head, count_correct, make_loade
 from rmt_deploy.training.loading import SeededSampler, batches, train_transform
 from rmt_deploy.training.masking import MaskedCLIP
 from rmt_deploy.training.precision import LossScaler, autocast, check_precision
-from rmt_deploy.training.prompts import PromptLearner, coop_lr, coop_optimizer
 from rmt_deploy.training.progress import EpochMeter, progress_bar
+from rmt_deploy.training.prompts import PromptLearner, coop_lr, coop_optimizer
 from rmt_deploy.training.regularizer import gradient_dropout, score_penalty, teacher_loss
 
 METRICS_FILE = "metrics.json"

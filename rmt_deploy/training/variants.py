@@ -18,8 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.training.data import (COOP_DATASETS, FewShotData, class_folders, clean_class_name, images_in,
-                                      read_classnames)
+from rmt_deploy.training.datasets import (
+    COOP_DATASETS,
+    FewShotData,
+    class_folders,
+    clean_class_name,
+    images_in,
+    read_classnames,
+)
 
 
 @dataclass(frozen=True)

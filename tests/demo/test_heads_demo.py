@@ -62,10 +62,10 @@ def test_export_matches_the_trainer_for_every_head(trained):
 @pytest.mark.parametrize("task_name", ["textures", "digits"])
 @pytest.mark.parametrize("head", HEADS)
 def test_served_accuracy_equals_the_trainers(trained, task_name, head):
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.bench.sessions import folded_session
-    from rmt_deploy.bundle import Bundle
-    from rmt_deploy.preprocess import ImageTransform, to_batch
     from rmt_deploy.runtime.engine import Engine
+    from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
 
     task, metrics = trained["tasks"][task_name], trained["results"][(task_name, head)].metrics
     paths, truth = _test_images(task)
@@ -93,7 +93,7 @@ def test_tip_adapter_keeps_the_mask_only_accuracy_on_held_out_textures(trained):
 
 
 def test_coop_head_is_the_learned_prompts(trained):
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
 
     coop = TaskPack.load(trained["results"][("textures", "coop")].taskpack)
     zeroshot = TaskPack.load(trained["results"][("textures", "zeroshot")].taskpack)
@@ -136,7 +136,7 @@ def test_eval_scores_a_tip_adapter_task_as_the_trainer_did(trained, tiny_checkpo
 
 
 def test_tip_adapter_f_fine_tunes_the_keys(trained, tiny_checkpoint, tmp_path):
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
 
     task = trained["tasks"]["textures"]
     tuned = TaskPack.load(_train(task, tiny_checkpoint, tmp_path, "tip-adapter-f").taskpack)

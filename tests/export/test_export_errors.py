@@ -35,8 +35,8 @@ def _leftovers(folder, name):
 
 
 def test_a_task_from_another_base_is_refused_naming_both_fingerprints(make_taskpack, tiny_checkpoint, tmp_path):
+    from rmt_deploy.artifacts.fingerprint import short
     from rmt_deploy.export import export_bundle
-    from rmt_deploy.fingerprint import short
 
     pack = make_taskpack("other")
     real = pack.base_fingerprint
@@ -128,7 +128,7 @@ def test_killed_export_leaves_no_bundle(task_files, tiny_checkpoint, tmp_path):
     assert not out.exists()
     assert _leftovers(tmp_path, "bundle"), "the killed export's staging directory should still be there"
 
-    from rmt_deploy.staging import remove_stale as _remove_stale
+    from rmt_deploy.artifacts.staging import remove_stale as _remove_stale
 
     _remove_stale(out)  # the next export to this path clears what a dead process left
     assert _leftovers(tmp_path, "bundle") == []

@@ -37,7 +37,7 @@ def test_fp16_report_gives_error_and_top1_agreement_within_tolerance(fp16_bundle
 
 
 def test_fp16_folded_logits_match_fp32_torch(refs, fp16_bundle, task_files, tiny_base):
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
 
     out, _ = fp16_bundle
     images = np.random.default_rng(3).standard_normal((8, 3, 32, 32)).astype(np.float32)

@@ -20,14 +20,14 @@ def images():
 
 @pytest.fixture(scope="module")
 def packs(task_files):
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
 
     return [TaskPack.load(path) for path in task_files]
 
 
 def test_bundle_has_manifest_base_tasks_and_folded_models(bundle_dir, tiny_base):
-    from rmt_deploy.bundle import Bundle
-    from rmt_deploy.models import fingerprint, maskable_tensors
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.basemodel.loading import fingerprint, maskable_tensors
 
     bundle = Bundle.open(bundle_dir)
     manifest = bundle.manifest
@@ -46,8 +46,8 @@ def test_bundle_has_manifest_base_tasks_and_folded_models(bundle_dir, tiny_base)
 def test_masked_tensors_are_named_required_inputs_with_base_values_beside(bundle_dir, tiny_base):
     from safetensors.numpy import load_file
 
-    from rmt_deploy.bundle import Bundle
-    from rmt_deploy.models import maskable_tensors
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.basemodel.loading import maskable_tensors
 
     manifest = Bundle.open(bundle_dir).manifest
     graph = onnx.load(str(bundle_dir / "base.onnx")).graph
@@ -164,7 +164,7 @@ def test_large_models_use_external_data(refs, tiny_checkpoint, task_files, tiny_
 
 
 def test_folded_mode_writes_no_shared_graph(tiny_checkpoint, task_files, tmp_path):
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.export import ExportConfig, export_bundle
 
     out = tmp_path / "folded-only"

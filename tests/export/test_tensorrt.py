@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from rmt_deploy.artifacts import tensorrt_files as files
 from rmt_deploy.errors import MissingDependencyError
-from rmt_deploy import tensorrt_files as files
 from rmt_deploy.export import tensorrt as rt
 
 TINY_MODEL = "rmt-tiny-vit"
@@ -113,7 +113,7 @@ def test_refit_map_refuses_different_permutations():
 def test_refit_map_from_the_shared_graph(bundle_dir):
     import onnx_ir as ir
 
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     manifest = Bundle.open(bundle_dir).manifest
     names = {t.name: t.input_name for t in manifest.masked_tensors}
@@ -134,9 +134,9 @@ def test_refittable_graph_computes_what_the_shared_graph_computes(refs, bundle_d
     import onnx_ir as ir
     from safetensors.numpy import load_file
 
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.artifacts.task_file import TaskPack
     from rmt_deploy.export.engines import task_weights
-    from rmt_deploy.taskpack import TaskPack
 
     manifest = Bundle.open(bundle_dir).manifest
     names = {t.name: t.input_name for t in manifest.masked_tensors}
@@ -167,7 +167,7 @@ def test_refittable_graph_computes_what_the_shared_graph_computes(refs, bundle_d
 def test_tensorrt_manifest_entry_is_json(bundle_dir):
     import onnx_ir as ir
 
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     manifest = Bundle.open(bundle_dir).manifest
     refit = rt.refit_map(ir.load(bundle_dir / "base.onnx"), {t.name: t.input_name for t in manifest.masked_tensors})
@@ -194,7 +194,7 @@ def test_target_trt_without_tensorrt_says_so(task_files, tiny_checkpoint, tmp_pa
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_tensorrt_gpu()[0], reason=_has_tensorrt_gpu()[1] or "needs TensorRT and a GPU")
 def test_trt_bundle_builds_refits_and_matches_torch(task_files, tiny_checkpoint, tmp_path):
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.export import ExportConfig, export_bundle
 
     out = tmp_path / "trt"

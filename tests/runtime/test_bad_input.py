@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from rmt_deploy.cli import main
-from rmt_deploy.errors import (ArtifactError, IncompatibleBaseError, InputError, MissingDependencyError,
-                               UnknownTaskError)
+from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, MissingDependencyError, UnknownTaskError
+from rmt_deploy.runtime.buffer_pool import TensorSpec
 from rmt_deploy.runtime.engine import Engine
-from rmt_deploy.runtime.taskpool import TensorSpec
 
 pytest.importorskip("onnxruntime")
 
@@ -126,7 +125,7 @@ def test_a_damaged_task_fails_at_its_first_use_and_the_others_keep_serving(damag
 
 def test_damaged_base_weights_are_caught_by_their_sha256_whatever_the_backend_layout(damaged):
     """The file hash is checked while the base is read, also for a transposed fp16 (TensorRT-style) layout."""
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.runtime.backends.tensorrt import fill_base_all
     from rmt_deploy.runtime.baseweights import SafetensorsReader
 
@@ -142,7 +141,7 @@ def test_damaged_base_weights_are_caught_by_their_sha256_whatever_the_backend_la
 
 
 def test_legacy_manifest_without_base_sha256_falls_back_to_the_fingerprint(damaged):
-    from rmt_deploy.manifest import UnverifiedBundleWarning
+    from rmt_deploy.artifacts.manifest import UnverifiedBundleWarning
 
     root = damaged("base_weights.safetensors", "flip")
     manifest = json.loads((root / "manifest.json").read_text())

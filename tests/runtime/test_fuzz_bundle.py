@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.bench.sessions import folded_session
-from rmt_deploy.bundle import Bundle
 from rmt_deploy.cli import main
 from rmt_deploy.errors import RmtError
 from rmt_deploy.runtime.engine import Engine

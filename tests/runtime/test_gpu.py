@@ -29,7 +29,7 @@ def trt_bundle(tmp_path_factory, tiny_checkpoint, packs):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU and driver)")
     pytest.importorskip("cuda", reason="cuda-python is not installed")
     _cuda_torch()
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.export import ExportConfig, export_bundle
 
     root = tmp_path_factory.mktemp("trt_packs")
@@ -131,7 +131,7 @@ def test_auto_on_cuda_runs_torch_on_cuda_when_onnxruntime_has_no_cuda_provider(r
 # ---- TensorRT backend, pure parts (CPU) ----
 
 def _trt_manifest(perm=(1, 0), dtype="float32", weights_shape=None):
-    from rmt_deploy.bundle import MaskedTensor
+    from rmt_deploy.artifacts.bundle import MaskedTensor
 
     tensors = [MaskedTensor("blocks.0.in_proj_weight", [6, 4], dtype, "w_in"),
                MaskedTensor("blocks.0.fc.weight", [5, 4], dtype, "w_fc")]
@@ -167,7 +167,7 @@ def test_tensorrt_pool_holds_transposed_masked_weights(tmp_path):
     from safetensors.numpy import save_file
 
     from rmt_deploy.runtime.baseweights import SafetensorsReader
-    from rmt_deploy.runtime.taskpool import TaskPool
+    from rmt_deploy.runtime.buffer_pool import TaskPool
 
     rng = np.random.default_rng(0)
     base = {"blocks.0.in_proj_weight": rng.standard_normal((6, 4)).astype(np.float32),

@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 HEAVY = ["torch", "torchvision", "open_clip"]
-MODULES = ["rmt_deploy.preprocess", "rmt_deploy.runtime.engine", "rmt_deploy.runtime.cli",
-           "rmt_deploy.runtime.taskpool", "rmt_deploy.runtime.tasks", "rmt_deploy.runtime.baseweights",
+MODULES = ["rmt_deploy.runtime.preprocess", "rmt_deploy.runtime.engine", "rmt_deploy.cli.predict",
+           "rmt_deploy.runtime.buffer_pool", "rmt_deploy.runtime.task_reader", "rmt_deploy.runtime.baseweights",
            "rmt_deploy.runtime.backends", "rmt_deploy.runtime.backends.onnxruntime",
-           "rmt_deploy.runtime.backends.tensorrt", "rmt_deploy.tensorrt_files", "rmt_deploy.bundle",
-           "rmt_deploy.manifest", "rmt_deploy.integrity", "rmt_deploy.safetensors_header", "rmt_deploy.taskpack",
-           "rmt_deploy.masks", "rmt_deploy.inspect_task", "rmt_deploy.runtime.taskstore", "rmt_deploy.bundle_tasks",
-           "rmt_deploy.bundle_cli", "rmt_deploy.inspect_bundle", "rmt_deploy.heads"]
+           "rmt_deploy.runtime.backends.tensorrt", "rmt_deploy.artifacts.tensorrt_files", "rmt_deploy.artifacts.bundle",
+           "rmt_deploy.artifacts.manifest", "rmt_deploy.artifacts.integrity", "rmt_deploy.artifacts.safetensors_header", "rmt_deploy.artifacts.task_file",
+           "rmt_deploy.artifacts.masks", "rmt_deploy.tools.task_summary", "rmt_deploy.runtime.task_tiers", "rmt_deploy.tools.bundle_edit",
+           "rmt_deploy.cli.bundle", "rmt_deploy.tools.bundle_summary", "rmt_deploy.artifacts.heads"]
 
 
 def _run(code: str, block_heavy: bool = True) -> subprocess.CompletedProcess:
@@ -96,8 +96,8 @@ def test_runtime_modules_never_import_export():
 
     pattern = re.compile(r"^\s*(from|import)\s+rmt_deploy\.export\b", re.MULTILINE)
     sources = [*Path(rmt_deploy.runtime.__file__).parent.rglob("*.py")]
-    sources += [Path(importlib.import_module(m).__file__) for m in ("rmt_deploy.preprocess", "rmt_deploy.bundle",
-                                                                        "rmt_deploy.manifest", "rmt_deploy.integrity",
-                                                                        "rmt_deploy.safetensors_header")]
+    sources += [Path(importlib.import_module(m).__file__) for m in ("rmt_deploy.runtime.preprocess", "rmt_deploy.artifacts.bundle",
+                                                                        "rmt_deploy.artifacts.manifest", "rmt_deploy.artifacts.integrity",
+                                                                        "rmt_deploy.artifacts.safetensors_header")]
     offenders = [str(p) for p in sources if pattern.search(p.read_text())]
     assert not offenders

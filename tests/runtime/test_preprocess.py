@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.preprocess import ImageTransform, load_image, to_batch
+from rmt_deploy.runtime.preprocess import ImageTransform, load_image, to_batch
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 import pytest
 
-from rmt_deploy.bundle import Bundle, record_files
+from rmt_deploy.artifacts.bundle import Bundle, record_files
+from rmt_deploy.artifacts.manifest import UnverifiedBundleWarning
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError
-from rmt_deploy.manifest import UnverifiedBundleWarning
 from rmt_deploy.runtime.engine import Engine
 
 pytest.importorskip("onnxruntime")
@@ -159,8 +159,8 @@ def _safetensors(header: object, data: bytes = b"") -> bytes:
     (struct.pack("<Q", 1 << 60) + b"{}", "header length"),
 ])
 def test_hostile_safetensors_headers_are_refused(tmp_path, content, expected):
+    from rmt_deploy.artifacts.task_file import read_encoded
     from rmt_deploy.runtime.baseweights import SafetensorsReader
-    from rmt_deploy.taskpack import read_encoded
 
     path = tmp_path / "x.rmtask"
     path.write_bytes(content)
@@ -172,8 +172,8 @@ def test_hostile_safetensors_headers_are_refused(tmp_path, content, expected):
 # ---- mask blobs sized by the tensor, not by themselves ----
 
 def test_a_mask_blob_declaring_more_elements_than_its_tensor_is_refused_before_allocating(packs):
-    from rmt_deploy.masks import _ZEROS, _blob, decode_mask, decode_zero_indices
-    from rmt_deploy.runtime.tasks import read_task
+    from rmt_deploy.artifacts.masks import _ZEROS, _blob, decode_mask, decode_zero_indices
+    from rmt_deploy.runtime.task_reader import read_task
 
     bomb = _blob(_ZEROS, (1 << 31,), 1 << 31)  # ~20 bytes: "all zeros, 2^31 elements"
     assert len(bomb) < 40
@@ -192,7 +192,7 @@ def _task_with_blob(pack, blob: bytes, shape: list[int]):
 
     from safetensors.numpy import save
 
-    from rmt_deploy import taskpack
+    from rmt_deploy.artifacts import task_file as taskpack
 
     meta = pack.metadata()
     first = meta["masked_tensors"][0]["name"]
@@ -217,9 +217,9 @@ def test_no_allocation_beyond_the_declared_tensors_under_a_2_gib_address_space(p
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
         from rmt_deploy.errors import RmtError
-        from rmt_deploy.masks import _ZEROS, _blob, decode_mask, decode_zero_indices
-        from rmt_deploy.runtime.tasks import read_task
-        from rmt_deploy.taskpack import TaskPack
+        from rmt_deploy.artifacts.masks import _ZEROS, _blob, decode_mask, decode_zero_indices
+        from rmt_deploy.runtime.task_reader import read_task
+        from rmt_deploy.artifacts.task_file import TaskPack
         outcomes = []
         def attempt(call):
             try:
@@ -244,7 +244,7 @@ def test_no_allocation_beyond_the_declared_tensors_under_a_2_gib_address_space(p
 
 
 def _blob_bytes(size: int) -> bytes:
-    from rmt_deploy.masks import _ZEROS, _blob
+    from rmt_deploy.artifacts.masks import _ZEROS, _blob
 
     return _blob(_ZEROS, (size,), size)
 

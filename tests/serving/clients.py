@@ -69,7 +69,7 @@ def infer(kind: str, client, inputs, outputs=OUTPUTS, model: str = "rmt") -> dic
 
 def expected(engine, task: str, image: Any, k: int) -> dict[str, np.ndarray]:
     """What the server must answer, from the in-process Engine (Prediction.top_k, embed)."""
-    from rmt_deploy.preprocess import ImageTransform, to_batch
+    from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
 
     prediction = engine.predict([image], task=task)
     pairs = prediction.top_k(k)[0]

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 
-
 def _load_clients():
     import importlib.util
 

@@ -32,7 +32,7 @@ MAX_BODY = 16 << 20     # ... 32 to a request, 6.3 MB
 def ray_bundle(tmp_path_factory, tiny_checkpoint, make_taskpack):
     """A shared-mode bundle of 8 tasks on the tiny base (2 to 5 classes)."""
     export = pytest.importorskip("rmt_deploy.export")
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
 
     root = tmp_path_factory.mktemp("ray_packs")
     paths = [make_taskpack(name, seed=10 + i, zeros=0.1, classes=2 + i % 4).save(root / f"{name}.rmtask")
@@ -87,7 +87,7 @@ def _images(seed: int, count: int = 4) -> list[np.ndarray]:
 
 def _expected(engine, task: str, image: np.ndarray | list[np.ndarray]) -> dict[str, np.ndarray]:
     """What the service must answer: the in-process Engine's prediction through the shared protocol."""
-    from rmt_deploy.preprocess import ImageTransform, to_batch
+    from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
     from rmt_deploy.serving import protocol
 
     batch = to_batch(image if isinstance(image, list) else [image],

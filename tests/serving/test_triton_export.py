@@ -94,7 +94,7 @@ def test_served_repository_answers_match_the_folded_models(repo, images, engine)
     """The folded onnxruntime models and the Engine model agree (same logits' argmax)."""
     import onnxruntime as ort
 
-    from rmt_deploy.preprocess import ImageTransform, to_batch
+    from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
 
     batch = to_batch(images[:4], ImageTransform.from_config(engine.bundle.manifest.preprocess))
     for task in engine.tasks:

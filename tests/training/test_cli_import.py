@@ -6,7 +6,7 @@ import sys
 
 
 def test_importing_training_cli_does_not_import_torch():
-    code = "import sys, rmt_deploy.training, rmt_deploy.training.cli; print('torch' in sys.modules)"
+    code = "import sys, rmt_deploy.training, rmt_deploy.cli.train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -8,7 +8,11 @@ import pytest
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.training.data import (
-    COOP_DATASETS, build_dataset, clean_class_name, resolve_dataset, sample_few_shot,
+    COOP_DATASETS,
+    build_dataset,
+    clean_class_name,
+    resolve_dataset,
+    sample_few_shot,
 )
 
 from .conftest import CLASSES, write_coop_dataset, write_image

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rmt_deploy.taskpack import TaskPack  # noqa: E402
+from rmt_deploy.artifacts.task_file import TaskPack  # noqa: E402
 
 from .conftest import train_args  # noqa: E402
 

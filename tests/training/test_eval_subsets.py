@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from rmt_deploy.errors import InputError  # noqa: E402
-from rmt_deploy.training.data import FewShotData  # noqa: E402
+from rmt_deploy.training.datasets import FewShotData  # noqa: E402
 from rmt_deploy.training.evaluation import class_head, task_head  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -6,11 +6,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from rmt_deploy.basemodel.loading import load_base, maskable_tensors  # noqa: E402
 from rmt_deploy.errors import InputError  # noqa: E402
-from rmt_deploy.models import load_base, maskable_tensors  # noqa: E402
 from rmt_deploy.training.masking import (  # noqa: E402
-    SCORE_INIT, THRESHOLD, MaskedCLIP, apply_masks_, applied_masks, binarize, fold_masks_,
-    masked_weight, remove_masks_,
+    SCORE_INIT,
+    THRESHOLD,
+    MaskedCLIP,
+    applied_masks,
+    apply_masks_,
+    binarize,
+    fold_masks_,
+    masked_weight,
+    remove_masks_,
 )
 
 TINY = "rmt-tiny-vit"

@@ -128,7 +128,7 @@ def test_base_to_new_trains_on_base_and_scores_new_with_a_text_head(tiny_checkpo
                  "--datasets", "dtd", "--shots", "1", "--seeds", "1")
     assert run.main(args) == 0
     cell = tmp_path / "out" / "base_to_new" / "dtd" / "shots1" / "seed1"
-    from rmt_deploy.taskpack import TaskPack
+    from rmt_deploy.artifacts.task_file import TaskPack
 
     assert TaskPack.load(cell / "dtd.rmtask").class_names == ["a 1", "b 2"]
     new = json.loads((cell / "new.json").read_text())

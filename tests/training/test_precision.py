@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from rmt_deploy.basemodel.loading import load_base, maskable_tensors  # noqa: E402
 from rmt_deploy.errors import InputError  # noqa: E402
-from rmt_deploy.models import load_base, maskable_tensors  # noqa: E402
 from rmt_deploy.training.distributed import DistContext  # noqa: E402
 from rmt_deploy.training.masking import MaskedCLIP  # noqa: E402
 from rmt_deploy.training.precision import LossScaler, autocast, check_precision  # noqa: E402

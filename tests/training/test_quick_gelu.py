@@ -8,14 +8,14 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from rmt_deploy.errors import IncompatibleBaseError  # noqa: E402
-from rmt_deploy.models import (  # noqa: E402
+from rmt_deploy.basemodel.loading import (  # noqa: E402
     config_quick_gelu,
     load_base,
     save_checkpoint,
     tag_quick_gelu,
     uses_quick_gelu,
 )
+from rmt_deploy.errors import IncompatibleBaseError  # noqa: E402
 
 TINY_MODEL = "rmt-tiny-vit"
 OPENAI_EXTRAS = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77),
@@ -129,10 +129,10 @@ def quick_gelu_run(openai_tag, coop_root, tmp_path):
 def test_quick_gelu_is_recorded_exported_and_rebuilt(quick_gelu_run, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    from rmt_deploy.bundle import Bundle
+    from rmt_deploy.artifacts.bundle import Bundle
+    from rmt_deploy.artifacts.task_file import TaskPack
     from rmt_deploy.export import ExportConfig, export_bundle
     from rmt_deploy.runtime.backends.torch import TorchBackend
-    from rmt_deploy.taskpack import TaskPack
 
     pack_path = quick_gelu_run / "dtd.rmtask"
     assert TaskPack.load(pack_path).quick_gelu is True

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from rmt_deploy.artifacts.task_file import TaskPack  # noqa: E402
+from rmt_deploy.basemodel.loading import fingerprint, load_base, maskable_tensors  # noqa: E402
 from rmt_deploy.cli import main  # noqa: E402
 from rmt_deploy.errors import InputError  # noqa: E402
-from rmt_deploy.models import fingerprint, load_base, maskable_tensors  # noqa: E402
-from rmt_deploy.taskpack import TaskPack  # noqa: E402
 from rmt_deploy.training.distributed import DistContext  # noqa: E402
 from rmt_deploy.training.masking import MaskedCLIP  # noqa: E402
 from rmt_deploy.training.regularizer import gradient_dropout, score_penalty, teacher_loss  # noqa: E402
@@ -228,7 +228,7 @@ def test_another_seed_gives_other_masks(trained, tiny_checkpoint, coop_root, tmp
 
 
 def test_template_option_sets_the_class_head(trained, tiny_checkpoint, coop_root, tmp_path, capsys):
-    from rmt_deploy.models import load_base
+    from rmt_deploy.basemodel.loading import load_base
     from rmt_deploy.training.evaluation import class_head
 
     args = train_args(tiny_checkpoint, coop_root, tmp_path, "--epochs", "1", "--template", "a close-up of {}.")
@@ -311,7 +311,7 @@ def test_resume_without_a_checkpoint_or_with_other_settings(trained, tiny_checkp
 
 
 def test_eval_refuses_another_base_and_other_classes(trained, tiny_checkpoint, coop_root, tmp_path, capsys):
-    from rmt_deploy.models import save_checkpoint
+    from rmt_deploy.basemodel.loading import save_checkpoint
 
     torch.manual_seed(123)
     other = save_checkpoint(load_base(TINY, None).model, tmp_path / "other.safetensors")

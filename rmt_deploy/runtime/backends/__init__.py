@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.errors import InputError, MissingDependencyError
-from rmt_deploy.runtime.taskpool import Lease, TensorSpec
+from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 CUDA_EP = "CUDAExecutionProvider"

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import Bundle
+from rmt_deploy.artifacts.integrity import REBUILD, BackgroundHash
 from rmt_deploy.errors import ArtifactError, MissingDependencyError, RmtError, require
-from rmt_deploy.integrity import REBUILD, BackgroundHash
 from rmt_deploy.runtime.backends import CUDA_EP, parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
-from rmt_deploy.runtime.taskpool import Lease, TensorSpec
+from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 

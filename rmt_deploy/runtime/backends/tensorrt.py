@@ -15,19 +15,19 @@ the backend's device current on that thread (cudaSetDevice is per host thread).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import Bundle
+from rmt_deploy.artifacts.integrity import read_verified
+from rmt_deploy.artifacts.tensorrt_files import engine_mismatch
 from rmt_deploy.errors import ArtifactError, InputError, InternalError, MissingDependencyError
-from rmt_deploy.integrity import read_verified
 from rmt_deploy.runtime.backends import parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
-from rmt_deploy.runtime.taskpool import Lease, TensorSpec
-from rmt_deploy.tensorrt_files import engine_mismatch
+from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
 MAX_PLAN_BYTES = 16 << 30
 

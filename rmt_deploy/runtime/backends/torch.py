@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import Bundle
+from rmt_deploy.artifacts.fingerprint import short
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, MissingDependencyError, require
-from rmt_deploy.fingerprint import short
 from rmt_deploy.runtime.backends import parse_device
-from rmt_deploy.runtime.taskpool import Lease, TensorSpec
+from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
 
 class TorchBackend:
@@ -25,7 +25,7 @@ class TorchBackend:
 
     def __init__(self, bundle: Bundle, device: str, threads: int | None):
         self.torch = require("torch", "train")
-        from rmt_deploy.models import fingerprint, load_base
+        from rmt_deploy.basemodel.loading import fingerprint, load_base
 
         kind, index = parse_device(device)
         if kind == "cuda" and not self.torch.cuda.is_available():

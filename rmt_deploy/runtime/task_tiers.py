@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from rmt_deploy.errors import InputError, UnknownTaskError
-from rmt_deploy.runtime.tasks import CompactTask, TaskHead
+from rmt_deploy.runtime.task_reader import CompactTask, TaskHead
 
 if TYPE_CHECKING:
-    from rmt_deploy.runtime.taskpool import ZeroSet
+    from rmt_deploy.runtime.buffer_pool import ZeroSet
 
 DISK, COLD, WARM, RESIDENT = "disk", "cold", "warm", "resident"
 TIERS = (DISK, COLD, WARM, RESIDENT)

@@ -1,17 +1,13 @@
-"""`rmt-deploy inspect`: summarise a .rmtask file or, through inspect_bundle, a bundle (numpy only)."""
+"""What a .rmtask file holds, for people: classes, base, head, sparsity, stored bytes vs the entropy bound (numpy only)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import click
-
-from rmt_deploy.errors import ArtifactError, InputError
-from rmt_deploy.fingerprint import short
-from rmt_deploy.heads import head_nbytes
-from rmt_deploy.masks import entropy_bound_for, mask_stats
-from rmt_deploy.taskpack import read_encoded
+from rmt_deploy.artifacts.fingerprint import short
+from rmt_deploy.artifacts.heads import head_nbytes
+from rmt_deploy.artifacts.masks import entropy_bound_for, mask_stats
+from rmt_deploy.artifacts.task_file import read_encoded
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -75,7 +71,7 @@ def _head_line(head: dict[str, Any]) -> str:
     return line + f"; {head['bytes']:,} bytes in all"
 
 
-def _format(summary: dict[str, Any]) -> str:
+def format_task(summary: dict[str, Any]) -> str:
     classes = summary["classes"]
     shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} total)" if len(classes) > 8 else "")
     lines = [
@@ -103,26 +99,3 @@ def _format(summary: dict[str, Any]) -> str:
 
 def _short_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-@click.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--verify", is_flag=True,
-              help="Bundle only: check every file's size and sha256 and read every task; exit 1 on any failure.")
-def inspect(path: Path, as_json: bool, verify: bool) -> None:
-    """Summarise a .rmtask file or a bundle directory (tasks, base, files; --verify checks all hashes)."""
-    if path.is_dir():
-        from rmt_deploy.inspect_bundle import format_bundle, summarize_bundle
-
-        summary = summarize_bundle(path, verify=verify)
-        click.echo(json.dumps(summary, indent=2) if as_json else format_bundle(summary))
-        failures = summary.get("verification", {}).get("failures", {})
-        if failures:
-            first = next(iter(failures.items()))
-            raise ArtifactError(f"{path}: {len(failures)} file(s) failed verification; first: {first[1]}")
-        return
-    if verify:
-        raise InputError("--verify checks a bundle directory; a .rmtask file is always checked when read")
-    summary = summarize(path)
-    click.echo(json.dumps(summary, indent=2) if as_json else _format(summary))

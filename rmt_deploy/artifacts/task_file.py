@@ -1,7 +1,7 @@
 """TaskPack: one task in one safetensors file (<task>.rmtask).
 
 Tensors: `head` float32 [C, D] and one uint8 payload per masked tensor
-(`mask/<tensor name>`, encoded by rmt_deploy.masks); a Tip-Adapter head adds
+(`mask/<tensor name>`, encoded by rmt_deploy.artifacts.masks); a Tip-Adapter head adds
 `cache/keys` float16 [K, D] and `cache/labels` int64 [K]. Metadata: one JSON string
 under the header key `rmt_deploy`. Loading never unpickles.
 
@@ -16,22 +16,28 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rmt_deploy.artifacts.fingerprint import short
+from rmt_deploy.artifacts.heads import (
+    CACHE_KINDS,
+    ZEROSHOT,
+    Cache,
+    check_alpha_beta,
+    check_cache_layout,
+    check_kind,
+    check_labels,
+)
+from rmt_deploy.artifacts.integrity import FileRecord, read_verified
+from rmt_deploy.artifacts.masks import MAX_SIZE as MAX_MASK_ELEMENTS
+from rmt_deploy.artifacts.masks import decode_mask, encode_mask
+from rmt_deploy.artifacts.safetensors_header import load_bytes
+from rmt_deploy.artifacts.staging import write_atomic
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, RmtError, check_format
-from rmt_deploy.fingerprint import short
-from rmt_deploy.heads import (CACHE_KINDS, ZEROSHOT, Cache, check_alpha_beta, check_cache_layout, check_kind,
-                              check_labels)
-from rmt_deploy.integrity import FileRecord, read_verified
-from rmt_deploy.masks import MAX_SIZE as MAX_MASK_ELEMENTS
-from rmt_deploy.masks import decode_mask, encode_mask
-from rmt_deploy.safetensors_header import load_bytes
-from rmt_deploy.staging import usual_mode
 
 FORMAT_TAG = "rmt-deploy.taskpack"
 FORMAT_VERSION = 2  # the newest this code writes and reads
@@ -73,7 +79,7 @@ class TaskPack:
     metrics: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     quick_gelu: bool = False  # the base's activation: QuickGELU (OpenAI CLIP weights) or GELU
-    head_kind: str = ZEROSHOT  # see rmt_deploy.heads: zeroshot, coop, tip-adapter, tip-adapter-f
+    head_kind: str = ZEROSHOT  # see rmt_deploy.artifacts.heads: zeroshot, coop, tip-adapter, tip-adapter-f
     cache: Cache | None = None  # Tip-Adapter's cache model (tip-adapter kinds only)
 
     def __post_init__(self) -> None:
@@ -176,27 +182,6 @@ class TaskPack:
             if isinstance(exc, ArtifactError) and str(path) in str(exc):
                 raise
             raise ArtifactError(f"{path}: {exc}") from None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to path via a temp file in the same folder, fsync and rename."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"output folder {folder} does not exist: create it first")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise InputError(f"cannot write to {folder}: {exc.strerror}; choose a writable folder") from None
-    try:
-        os.fchmod(fd, usual_mode())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from rmt_deploy.artifacts.heads import Cache, HeadMath, check_alpha_beta, check_kind, head_nbytes, logits
+from rmt_deploy.artifacts.task_file import TaskPack, read_encoded
 from rmt_deploy.errors import ArtifactError, InputError
-from rmt_deploy.heads import Cache, HeadMath, check_alpha_beta, check_kind, head_nbytes, logits
-from rmt_deploy.taskpack import TaskPack, read_encoded
 
 DIM, CLASSES, SHOTS = 8, 3, 4
 
@@ -129,10 +129,10 @@ def test_kind_and_cache_must_agree():
 
 def _rewrite(path, edit_meta=None, edit_tensors=None):
     """Re-save a task file with its metadata or tensors changed and a valid checksum (a crafted file)."""
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
-    from rmt_deploy.taskpack import CHECKSUM_KEY, METADATA_KEY, _checksum
+    from rmt_deploy.artifacts.task_file import CHECKSUM_KEY, METADATA_KEY, _checksum
 
     with safe_open(str(path), "np") as handle:
         meta = json.loads(handle.metadata()[METADATA_KEY])

@@ -6,10 +6,11 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rmt_deploy.errors import ArtifactError, InputError, InternalError
-from rmt_deploy.runtime.taskpool import BASE, TaskPool, TensorSpec, ZeroSet
+from rmt_deploy.runtime.buffer_pool import BASE, TaskPool, TensorSpec, ZeroSet
 
 SHAPES = {"a": (6, 5), "b": (7,), "c": (3, 2, 4)}
 

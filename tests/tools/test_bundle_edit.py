@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-from rmt_deploy.bundle import Bundle
-from rmt_deploy.bundle_tasks import _edit_lock, add_tasks, remove_tasks
+from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.cli import main
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError, UnknownTaskError
 from rmt_deploy.runtime.engine import Engine
+from rmt_deploy.tools.bundle_edit import _edit_lock, add_tasks, remove_tasks
 
 pytest.importorskip("onnxruntime")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rmt_deploy.bundle import Bundle
+from rmt_deploy.artifacts.bundle import Bundle
+from rmt_deploy.artifacts.fingerprint import short
+from rmt_deploy.artifacts.masks import mask_stats
 from rmt_deploy.errors import ArtifactError
-from rmt_deploy.fingerprint import short
-from rmt_deploy.masks import mask_stats
 
 
 def summarize_bundle(root: str | Path, verify: bool = False) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""The `rmt-deploy` command line: a click group whose commands load lazily.
+"""The `rmt-deploy` command line: every click command, and the group that loads them lazily.
 
-Each command lives beside the code it drives (training/, export/, runtime/,
-bench/); this module only routes, so `rmt-deploy predict` never imports torch.
+The top layer: the only one that may import from every other (training, export, runtime,
+serving, tools, bench, demo); nothing imports it. One module per command; each imports the
+layer it drives only when it runs, so `rmt-deploy predict` never imports torch.
 A user error (RmtError) prints as one line on stderr and exits 1.
 """
 from __future__ import annotations
@@ -18,15 +19,15 @@ from rmt_deploy.errors import RmtError, missing_dependency
 
 # command name -> "module:attribute" of a click.Command
 COMMANDS = {
-    "train": "rmt_deploy.training.cli:train",
-    "eval": "rmt_deploy.training.cli:evaluate",
-    "export": "rmt_deploy.export.cli:export",
-    "inspect": "rmt_deploy.inspect_task:inspect",
-    "bundle": "rmt_deploy.bundle_cli:bundle",
-    "predict": "rmt_deploy.runtime.cli:predict",
-    "serve": "rmt_deploy.serving.cli:serve",
-    "bench": "rmt_deploy.bench.cli:bench",
-    "demo": "rmt_deploy.demo.cli:demo",
+    "train": "rmt_deploy.cli.train:train",
+    "eval": "rmt_deploy.cli.train:evaluate",
+    "export": "rmt_deploy.cli.export:export",
+    "inspect": "rmt_deploy.cli.inspect:inspect",
+    "bundle": "rmt_deploy.cli.bundle:bundle",
+    "predict": "rmt_deploy.cli.predict:predict",
+    "serve": "rmt_deploy.cli.serve:serve",
+    "bench": "rmt_deploy.cli.bench:bench",
+    "demo": "rmt_deploy.cli.demo:demo",
 }
 
 
@@ -45,7 +46,7 @@ class LazyGroup(click.Group):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.startswith("rmt_deploy"):
-                return None  # command not built yet in this version
+                return None
             raise
         return getattr(module, attribute)
 
@@ -90,6 +91,3 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
 
-
-if __name__ == "__main__":
-    main()

@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from rmt_deploy.bundle import TASKS_DIR, Bundle
+from rmt_deploy.artifacts.bundle import TASKS_DIR, Bundle
+from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, read_verified
+from rmt_deploy.artifacts.staging import usual_mode
+from rmt_deploy.artifacts.task_file import MAX_TASK_FILE_BYTES, SUFFIX
 from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
-from rmt_deploy.integrity import REBUILD, FileRecord, read_verified
-from rmt_deploy.runtime.tasks import decode_zeros, read_compact
-from rmt_deploy.staging import usual_mode
-from rmt_deploy.taskpack import MAX_TASK_FILE_BYTES, SUFFIX
+from rmt_deploy.runtime.task_reader import decode_zeros, read_compact
 
 __all__ = ["add_tasks", "remove_tasks"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from rmt_deploy.errors import ArtifactError, InputError, UnknownTaskError
 from rmt_deploy.runtime.engine import Engine
-from rmt_deploy.runtime.taskstore import TaskStore
+from rmt_deploy.runtime.task_tiers import TaskStore
 
 pytest.importorskip("onnxruntime")
 
@@ -189,7 +189,7 @@ def test_random_switches_adds_and_removes_with_concurrent_predicts_stay_exact(on
 def test_cache_heads_hold_float32_keys_only_while_in_use(onnx_bundle, make_taskpack, images):
     """A tip-adapter head's prepared math (float32 keys, twice the stored bytes) is kept for the
     `cache_tasks` most recently predicted tasks, not by every stored task; logits stay the formula's."""
-    from rmt_deploy.heads import Cache, logits
+    from rmt_deploy.artifacts.heads import Cache, logits
 
     embed_dim = onnx_bundle.manifest.embed_dim
     engine = Engine.load(onnx_bundle.root, cache_tasks=1)

@@ -16,9 +16,9 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
+from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, relative_path
+from rmt_deploy.artifacts.task_file import check_task_name
 from rmt_deploy.errors import ArtifactError
-from rmt_deploy.integrity import REBUILD, FileRecord, relative_path
-from rmt_deploy.taskpack import check_task_name
 
 BUNDLE_FORMAT = "rmt-deploy.bundle"
 BUNDLE_VERSION = 2
@@ -201,7 +201,7 @@ class Manifest:
     """Everything the runtime needs to know about a bundle, stored as manifest.json.
 
     `output_kind` "embedding": base.onnx returns L2-normalised image embeddings (output
-    `output_name`), and each task's head (rmt_deploy.heads, by its kind) turns them into
+    `output_name`), and each task's head (rmt_deploy.artifacts.heads, by its kind) turns them into
     logits. `files` maps backend ("onnx", "tensorrt") -> {"base": path, "folded": {task: path}}. `tensorrt` holds
     engine metadata (GPU, TensorRT version, refit map). `base_weights` is the safetensors file of
     the masked tensors' base values. `checksums` records every file of the bundle (path ->

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from rmt_deploy.artifacts.task_file import TaskPack, load_mask_blobs
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
-from rmt_deploy.taskpack import TaskPack, load_mask_blobs
 
 
 def _pack(name: str = "dtd", seed: int = 0) -> TaskPack:
@@ -47,7 +47,7 @@ def test_round_trip_preserves_every_field(tmp_path):
 
 
 def test_mask_blobs_are_readable_without_decoding(tmp_path):
-    from rmt_deploy.masks import decode_mask
+    from rmt_deploy.artifacts.masks import decode_mask
 
     pack = _pack()
     path = pack.save(tmp_path / "dtd.rmtask")
@@ -110,7 +110,7 @@ def _rewrite_metadata(path, out, change):
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from rmt_deploy.taskpack import CHECKSUM_KEY, METADATA_KEY, _checksum
+    from rmt_deploy.artifacts.task_file import CHECKSUM_KEY, METADATA_KEY, _checksum
 
     with safe_open(str(path), framework="numpy") as handle:
         meta = json.loads(handle.metadata()[METADATA_KEY])

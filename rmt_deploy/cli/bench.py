@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
+from rmt_deploy.artifacts.staging import write_atomic
 from rmt_deploy.bench.suite import BenchConfig, run_bench
 from rmt_deploy.errors import InputError
-from rmt_deploy.taskpack import write_atomic
 
 
 def _int_list(value: str) -> list[int]:

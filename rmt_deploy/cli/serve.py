@@ -1,76 +1,13 @@
-"""`rmt-deploy serve`: Triton Inference Server over one bundle, every task behind one model.
-
-Writes a model repository for the bundle (serving.triton_repo) into a private workspace,
-runs the tritonserver binary from the nvidia-pytriton wheel on it (serving.tritonserver),
-and on SIGTERM or Ctrl-C lets Triton finish the requests in flight before exiting 0.
-"""
+"""`rmt-deploy serve`: a bundle's tasks behind Triton Inference Server (serving.launch) or Ray Serve (serving.ray)."""
 from __future__ import annotations
 
-import shutil
-import signal
-import socket
-import tempfile
-import threading
 from pathlib import Path
 
 import click
 
-from rmt_deploy.errors import InputError
+from rmt_deploy.serving.launch import check_port_free, serve_bundle
 from rmt_deploy.serving.triton_repo import ServingConfig
-from rmt_deploy.serving.tritonserver import Ports, ServerError
-
-# Triton's log line once no inference is in flight during shutdown (it then unloads the models)
-DRAINED = "Found 0 model versions that have in-flight inferences"
-
-
-def check_port_free(host: str, port: int, option: str) -> None:
-    """InputError naming the option when `port` cannot be bound on `host`."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise InputError(f"{option} {port} on {host} is not free ({exc.strerror}); pick another port") from None
-
-
-def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_timeout: int) -> None:
-    """Serve until SIGTERM / SIGINT, then drain; ServerError if Triton fails or dies."""
-    from rmt_deploy.bundle import Bundle
-    from rmt_deploy.serving.triton_repo import write_engine_model
-    from rmt_deploy.serving.tritonserver import TritonServer
-
-    config.validate()
-    bundle = Bundle.open(bundle_path)
-    for option, port in (("--http-port", ports.http), ("--grpc-port", ports.grpc), ("--metrics-port", ports.metrics)):
-        check_port_free(ports.host, port, option)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    workspace = Path(tempfile.mkdtemp(prefix="rmt-serve-"))
-    try:
-        repo = workspace / "models"
-        write_engine_model(repo, bundle, config)
-        server = TritonServer(repo, workspace, ports, workspace / "triton.log",
-                              extra=[f"--exit-timeout-secs={drain_timeout}"])
-        try:
-            server.wait_ready()
-            click.echo(f"serving {len(bundle.tasks)} tasks ({', '.join(bundle.tasks)}) as model "
-                       f"'{config.model_name}': http {server.url}, grpc {ports.host}:{ports.grpc}, "
-                       f"metrics :{ports.metrics}/metrics; Ctrl-C or SIGTERM to stop", err=True)
-            while not stop.is_set() and server.process.poll() is None:
-                stop.wait(0.5)
-            if not stop.is_set():
-                raise ServerError(f"tritonserver exited with status {server.process.returncode}:\n"
-                                  f"{server.log_errors()}")
-            click.echo("stopping: finishing the requests in flight", err=True)
-        finally:
-            status = server.stop(timeout=drain_timeout + 30)
-        if status != 0 and DRAINED not in server.log.read_text(errors="replace"):
-            raise ServerError(f"tritonserver did not drain within {drain_timeout} s (status {status}):\n"
-                              f"{server.log_errors()}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        shutil.rmtree(workspace, ignore_errors=True)
+from rmt_deploy.serving.tritonserver import Ports
 
 
 @click.command("serve")
@@ -117,4 +54,5 @@ def serve(bundle_path: Path, host: str, http_port: int, grpc_port: int, metrics_
     config = ServingConfig(model_name=model_name, top_k=top_k, max_batch=max_batch,
                            max_queue_delay_us=max_queue_delay_us, cache_tasks=cache_tasks, threads=threads,
                            backend=backend, max_image_pixels=max_image_pixels, instances=instances)
-    serve_bundle(bundle_path, Ports(http_port, grpc_port, metrics_port, host), config, drain_timeout)
+    serve_bundle(bundle_path, Ports(http_port, grpc_port, metrics_port, host), config, drain_timeout,
+                 say=lambda text: click.echo(text, err=True))

@@ -5,14 +5,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rmt_deploy.errors import InputError  # noqa: E402
-from rmt_deploy.models import (  # noqa: E402
+from rmt_deploy.basemodel.loading import (  # noqa: E402
     fingerprint,
     load_base,
     maskable_tensors,
     preprocess_config,
     save_checkpoint,
 )
+from rmt_deploy.errors import InputError  # noqa: E402
+
 TINY_MODEL = "rmt-tiny-vit"
 
 

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 
+from rmt_deploy.artifacts.fingerprint import short
+from rmt_deploy.artifacts.heads import ZEROSHOT, Cache, HeadMath, head_nbytes
+from rmt_deploy.artifacts.integrity import FileRecord
+from rmt_deploy.artifacts.masks import decode_zero_indices, encode_mask, mask_stats
+from rmt_deploy.artifacts.task_file import TaskPack, check_task_name, read_encoded
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, RmtError
-from rmt_deploy.fingerprint import short
-from rmt_deploy.heads import ZEROSHOT, Cache, HeadMath, head_nbytes
-from rmt_deploy.integrity import FileRecord
-from rmt_deploy.masks import decode_zero_indices, encode_mask, mask_stats
-from rmt_deploy.taskpack import TaskPack, check_task_name, read_encoded
 
 if TYPE_CHECKING:
-    from rmt_deploy.runtime.taskpool import ZeroSet
+    from rmt_deploy.runtime.buffer_pool import ZeroSet
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class TaskHead:
     class_names: tuple[str, ...]
     head: np.ndarray  # float32 [C, D], L2-normalised rows: class prompts' (or CoOp prompts') text features
     logit_scale: float
-    kind: str = ZEROSHOT  # rmt_deploy.heads.HEAD_KINDS
+    kind: str = ZEROSHOT  # rmt_deploy.artifacts.heads.HEAD_KINDS
     cache: Cache | None = None  # tip-adapter kinds
     _math: HeadMath | None = field(init=False, repr=False, compare=False, default=None)
 
@@ -94,7 +94,7 @@ def decode_zeros(blobs: Mapping[str, bytes], shapes: Mapping[str, tuple[int, ...
 
 
 class LazyZeros(Mapping[str, "ZeroSet"]):
-    """A task's ZeroSets (rmt_deploy.runtime.taskpool) per stored key, each decoded at its first access
+    """A task's ZeroSets (rmt_deploy.runtime.buffer_pool) per stored key, each decoded at its first access
     and kept.
 
     The pool rewrites a buffer tensor by tensor on its worker threads: decoding inside that

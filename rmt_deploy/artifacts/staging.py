@@ -10,12 +10,15 @@ user's umask gives (a temporary folder is made 0700, and some writers make files
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from rmt_deploy.errors import InputError
 
 PARTIAL = ".partial-"
 
@@ -90,3 +93,30 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes to path via a temp file in the same folder, fsync and rename."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} does not exist: create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write to {folder}: {exc.strerror}; choose a writable folder") from None
+    try:
+        os.fchmod(fd, usual_mode())  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically; numpy scalars become plain numbers."""
+    text = json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    write_atomic(path, (text + "\n").encode())

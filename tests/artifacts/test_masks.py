@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from rmt_deploy.errors import ArtifactError, InputError
-from rmt_deploy.masks import (
+from rmt_deploy.artifacts.masks import (
     MaskStats,
     decode_mask,
     decode_zero_indices,
@@ -19,6 +18,7 @@ from rmt_deploy.masks import (
     entropy_bound_bytes,
     mask_stats,
 )
+from rmt_deploy.errors import ArtifactError, InputError
 
 DENSITIES = [0.0, 1.0, 0.5, 0.025, 0.1, 0.9, 0.975, 0.3]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -311,7 +311,7 @@ def test_rice_parameters_across_byte_widths(log2_gap):
 def test_remainder_streams_of_every_width_read_back(k, m):
     """k-bit MSB-first remainders as the encoder packs them (one 64-bit read per 8 values for k <= 8,
     strided per phase above) read back exactly, whatever m is modulo 8."""
-    from rmt_deploy.masks import _remainders
+    from rmt_deploy.artifacts.masks import _remainders
 
     values = np.random.default_rng(k * 1000 + m).integers(0, 1 << k, m)
     bits = np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)[:, 64 - k:]
@@ -321,7 +321,7 @@ def test_remainder_streams_of_every_width_read_back(k, m):
 
 def test_header_only_stats_skip_the_crc_but_decoding_still_checks_it():
     """LazyZeros sizes a task from headers alone; the flipped payload bit is caught when it is decoded."""
-    from rmt_deploy.runtime.tasks import LazyZeros
+    from rmt_deploy.runtime.task_reader import LazyZeros
 
     mask = np.random.default_rng(3).random((64, 48)) >= 0.05
     blob = bytearray(encode_mask(mask))

@@ -1,7 +1,7 @@
 """Bundle: the directory that export writes and the runtime reads.
 
     bundle/
-      manifest.json            rmt_deploy.manifest.Manifest (schema-checked)
+      manifest.json            rmt_deploy.artifacts.manifest.Manifest (schema-checked)
       base.onnx (+ .data)      shared graph; masked weights are named graph inputs
       base_weights.safetensors the masked tensors' base values
       base.<gpu>.plan          optional refittable TensorRT engine
@@ -18,11 +18,18 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, confine, file_sha256
+from rmt_deploy.artifacts.manifest import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    Manifest,
+    MaskedTensor,
+    Preprocess,
+    UnverifiedBundleWarning,
+)
+from rmt_deploy.artifacts.staging import write_atomic
+from rmt_deploy.artifacts.task_file import SUFFIX, EncodedTask, TaskPack, read_encoded
 from rmt_deploy.errors import ArtifactError, UnknownTaskError
-from rmt_deploy.integrity import REBUILD, FileRecord, confine, file_sha256
-from rmt_deploy.manifest import (BUNDLE_FORMAT, BUNDLE_VERSION, Manifest, MaskedTensor, Preprocess,
-                                 UnverifiedBundleWarning)
-from rmt_deploy.taskpack import SUFFIX, EncodedTask, TaskPack, read_encoded, write_atomic
 
 __all__ = ["Bundle", "Manifest", "MaskedTensor", "Preprocess", "BUNDLE_FORMAT", "BUNDLE_VERSION", "MANIFEST",
            "TASKS_DIR", "FOLDED_DIR", "FOLDED_TASK_KEY", "UnverifiedBundleWarning", "file_sha256", "record_files"]
@@ -32,6 +39,12 @@ TASKS_DIR = "tasks"
 FOLDED_DIR = "folded"
 FOLDED_TASK_KEY = "rmt_deploy.task"  # ONNX metadata of a folded model: the task it was built for
 MAX_MANIFEST_BYTES = 64 << 20
+
+# The graphs' tensor names, part of the bundle contract: base.onnx maps IMAGE_INPUT (and the masked
+# weights) to EMBEDDING_OUTPUT; a folded model maps IMAGE_INPUT to LOGITS_OUTPUT.
+IMAGE_INPUT = "image"
+EMBEDDING_OUTPUT = "embedding"
+LOGITS_OUTPUT = "logits"
 
 
 class Bundle:

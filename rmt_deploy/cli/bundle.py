@@ -14,7 +14,7 @@ def bundle() -> None:
 @click.argument("tasks", metavar="TASK.rmtask...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def add(bundle_dir: str, tasks: tuple[str, ...]) -> None:
     """Copy task files into BUNDLE (each checked against its base first) and list them."""
-    from rmt_deploy.bundle_tasks import add_tasks
+    from rmt_deploy.tools.bundle_edit import add_tasks
 
     names = add_tasks(bundle_dir, list(tasks))
     click.echo(f"added {len(names)} task(s) to {bundle_dir}: {', '.join(names)}")
@@ -25,7 +25,7 @@ def add(bundle_dir: str, tasks: tuple[str, ...]) -> None:
 @click.argument("names", metavar="NAME...", nargs=-1, required=True)
 def remove(bundle_dir: str, names: tuple[str, ...]) -> None:
     """Unlist tasks from BUNDLE and delete their files."""
-    from rmt_deploy.bundle_tasks import remove_tasks
+    from rmt_deploy.tools.bundle_edit import remove_tasks
 
     removed = remove_tasks(bundle_dir, list(names))
     click.echo(f"removed {len(removed)} task(s) from {bundle_dir}: {', '.join(removed)}")

@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from rmt_deploy.checkpoint_files import inspect_checkpoint, read_openai_state_dict, save_weights
+from rmt_deploy.artifacts.fingerprint import fingerprint_arrays
+from rmt_deploy.basemodel.checkpoint_files import inspect_checkpoint, read_openai_state_dict, save_weights
 from rmt_deploy.errors import InputError, InternalError, require
-from rmt_deploy.fingerprint import fingerprint_arrays
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 MASK_GROUPS = ("attn", "mlp", "conv1")
