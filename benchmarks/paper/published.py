@@ -1,4 +1,4 @@
-"""Published ViT-B/16 16-shot accuracies (%, mean of 3 seeds), from reference/RMT.md (Zheng et al., ICCV 2023)."""
+"""Published ViT-B/16 16-shot accuracies (%, mean of 3 seeds), from docs/method.md (Zheng et al., ICCV 2023)."""
 from __future__ import annotations
 
 # dataset key -> (display name, zero-shot CLIP, CoOp, Tip-Adapter, R-AMT)
@@ -23,5 +23,5 @@ METHOD_ALONE_COLUMN = {"coop": 2, "tip-adapter": 3}
 # R-AMT average over the 11 datasets at fewer shots
 PUBLISHED_RMT_AVERAGE_BY_SHOTS = {16: 83.96, 8: 80.10, 4: 77.58, 2: 73.48, 1: 70.52}
 # The schedule and lambda per dataset are not here: rmt_deploy.training.recipe holds them (one place),
-# and `rmt-deploy train` applies the same values. reference/RMT.md gives no per-dataset numbers for
+# and `rmt-deploy train` applies the same values. docs/method.md gives no per-dataset numbers for
 # base-to-new or domain generalisation, so those tables have no published column.

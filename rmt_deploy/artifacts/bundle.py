@@ -87,11 +87,11 @@ class Bundle:
 
     @property
     def verified(self) -> bool:
-        """Whether the manifest records sizes and hashes of its files (False for rmt-deploy 0.1 bundles)."""
+        """Whether the manifest records sizes and hashes of its files (False for format-1 bundles)."""
         return self.manifest.verified
 
     def record(self, relative: str) -> FileRecord | None:
-        """The manifest's size and sha256 of a file, or None in an unverified (0.1) bundle."""
+        """The manifest's size and sha256 of a file, or None in an unverified (format-1) bundle."""
         if not self.manifest.verified:
             return None
         found = self.manifest.checksums.get(relative)
@@ -146,7 +146,7 @@ class Bundle:
     def verify(self) -> Iterator[tuple[str, str | None]]:
         """Check every recorded file's size and sha256: yields (relative path, None or the error)."""
         if not self.manifest.verified:
-            raise ArtifactError(f"{self.root}: this bundle records no file hashes (rmt-deploy 0.1); {REBUILD}")
+            raise ArtifactError(f"{self.root}: this bundle records no file hashes (bundle format 1); {REBUILD}")
         for relative, expected in self.manifest.checksums.items():
             try:
                 path = self.file(relative)

@@ -4,7 +4,7 @@ A manifest is untrusted input. `Manifest.from_dict` checks it against the schema
 format version before anything else reads it: every field's type, range and length,
 every path's form, names that become file names, and the cross-field rules (unique
 names, a record for every file). Unknown keys are ignored with a warning; a newer
-version is refused. Version 1 (rmt-deploy 0.1, no file records) still loads, with a
+version is refused. Version 1 (no file records) still loads, with a
 warning that its files cannot be verified.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rmt_deploy.errors import ArtifactError
 
 BUNDLE_FORMAT = "rmt-deploy.bundle"
 BUNDLE_VERSION = 2
-LEGACY_VERSION = 1  # rmt-deploy 0.1: no file records
+LEGACY_VERSION = 1  # no file records
 MAX_TENSOR_ELEMENTS = 1 << 32
 MAX_TASKS = 1_000_000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,255}$")
@@ -33,7 +33,7 @@ Check = Callable[[Any, str], Any]
 
 
 class UnverifiedBundleWarning(UserWarning):
-    """A bundle without file records (written by rmt-deploy 0.1): its files are not hash-checked."""
+    """A bundle without file records (format 1): its files are not hash-checked."""
 
 
 def _fail(where: str, value: Any, expected: str) -> ArtifactError:
@@ -263,7 +263,7 @@ class Manifest:
         manifest = record(cls, "manifest", data, legacy=legacy)
         _check_consistency(manifest)
         if legacy:
-            warnings.warn("this bundle was written by rmt-deploy 0.1 and records no file hashes: its files are "
+            warnings.warn("this bundle is format 1 and records no file hashes: its files are "
                           f"not verified; {REBUILD} to verify them", UnverifiedBundleWarning, stacklevel=3)
         return manifest
 

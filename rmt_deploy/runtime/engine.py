@@ -67,7 +67,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def _check_legacy_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str, np.ndarray],
                        digest: str | None) -> None:
-    """A 0.1 bundle records no file hashes: check the base values read against its base_weights_sha256,
+    """A format-1 bundle records no file hashes: check the base values read against its base_weights_sha256,
     else against the fingerprint (fp32 open_clip layout only); refuse when neither is possible."""
     manifest = bundle.manifest
     if manifest.base_weights_sha256:
@@ -77,7 +77,7 @@ def _check_legacy_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str
                                 f"or altered; {REBUILD}")
         return
     if any(s.perm is not None or s.dtype != np.float32 for s in specs):
-        raise ArtifactError(f"{bundle.root}: this rmt-deploy 0.1 bundle records no hash of its fp16 base weights, "
+        raise ArtifactError(f"{bundle.root}: this format-1 bundle records no hash of its fp16 base weights, "
                             f"so they cannot be checked; {REBUILD}")
     found = fingerprint_arrays(manifest.model_name, {s.tensor: arrays[s.key] for s in specs})
     if found != manifest.fingerprint:

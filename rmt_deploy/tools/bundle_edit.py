@@ -53,7 +53,7 @@ def _edit_lock(root: Path) -> Iterator[None]:
 def _editable(root: str | os.PathLike) -> Bundle:
     bundle = Bundle.open(root)
     if not bundle.verified:
-        raise ArtifactError(f"{bundle.root}: this rmt-deploy 0.1 bundle records no file hashes and cannot be "
+        raise ArtifactError(f"{bundle.root}: this format-1 bundle records no file hashes and cannot be "
                             f"edited; {REBUILD}")
     return bundle
 

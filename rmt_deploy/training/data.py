@@ -1,6 +1,6 @@
 """Few-shot image classification data: the 11 CoOp datasets and any folder of class folders.
 
-CoOp layout and templates follow reference/RMT.md. Few-shot sampling follows
+CoOp layout and templates follow docs/method.md. Few-shot sampling follows
 CoOp: with one `random.Random(seed)`, K images per class from train, then
 min(K, 4) per class from val (all of a class when it has fewer, as Dassl
 does), classes in order of first appearance; the test split is used in full.

@@ -1,6 +1,6 @@
 """Binary masks over frozen weights: straight-through scores for training, in-place masks for inference.
 
-Training (reference/RMT.md): every masked weight W gets a float32 score tensor S
+Training (docs/method.md): every masked weight W gets a float32 score tensor S
 (init 1e-2); the forward uses W * 1[S > 5e-3] and the binariser's backward is
 the identity (straight-through). `MaskedCLIP` substitutes the masked weights
 per call with `torch.func.functional_call`, so the frozen weights are stored

@@ -1,7 +1,7 @@
 """The authors' per-dataset settings, in one place: learning rate, epochs and gradient-dropout lambda.
 
 Source: Zheng et al., ICCV 2023, and the authors' public reference
-implementation and README (reference/RMT.md): Adam lr 8e-5 for 30 epochs, but
+implementation and README (docs/method.md): Adam lr 8e-5 for 30 epochs, but
 ImageNet 3e-5 for 10; gradient-dropout lambda 0.3 at 16 shots for every
 dataset except ImageNet, SUN397 and Food101, which keep 1.0 (as do all
 datasets at fewer shots). Datasets outside the paper's 11 (an image folder)

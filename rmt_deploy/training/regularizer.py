@@ -1,4 +1,4 @@
-"""The losses and the gradient-dropout regularity of R-AMT (reference/RMT.md)."""
+"""The losses and the gradient-dropout regularity of R-AMT (docs/method.md)."""
 from __future__ import annotations
 
 from typing import Iterable

@@ -1,6 +1,6 @@
 """R-AMT training: one step, the epoch loop, and the files a run writes (the config: training.config).
 
-A step (reference/RMT.md): student logits with masks on; teacher logits with
+A step (docs/method.md): student logits with masks on; teacher logits with
 masks off under no_grad; g_kl = dL_kl/dS and g_ce = d(L_ce + 1e-4 sum||S||_2)/dS
 from two backward passes over the one student graph; averaged across ranks;
 gradient dropout; Adam. `--no-gdr` is plain mask tuning (one backward, no teacher).

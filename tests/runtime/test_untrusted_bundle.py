@@ -121,7 +121,7 @@ def test_legacy_bundle_loads_with_a_warning_and_serves_the_same(copy, onnx_bundl
     def to_legacy(doc):
         del doc["checksums"], doc["quick_gelu"]
         doc["version"] = 1
-    with pytest.warns(UnverifiedBundleWarning, match="rmt-deploy 0.1 .*not verified.*rmt-deploy export"):
+    with pytest.warns(UnverifiedBundleWarning, match="format 1 .*not verified.*rmt-deploy export"):
         with Engine.load(copy(to_legacy), threads=1) as engine:
             served = engine.predict(images, task="gamma").logits
     with Engine.load(onnx_bundle, threads=1) as engine:
