@@ -309,11 +309,6 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
         seen.add(entry["name"])
 
 
-def load_mask_blobs(path: str | os.PathLike) -> dict[str, bytes]:
-    """The encoded mask of each masked tensor, checksum-verified but not decoded."""
-    return read_encoded(path).blobs
-
-
 def _checksum(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     """sha256 over the metadata JSON and every tensor, so any altered byte is caught."""
     digest = hashlib.sha256(meta_json.encode())

@@ -122,7 +122,7 @@ class TaskPool:
 
     def __init__(self, specs: list[TensorSpec], fill_base: Callable[[dict[str, np.ndarray]], object],
                  capacity: int = 2, workers: int | None = None,
-                 map_base: Callable[[], Mapping[str, np.ndarray]] | None = None):
+                 map_base: Callable[[], Mapping[str, np.ndarray] | None] | None = None):
         """`fill_base(arrays)` writes the base values into the first buffer (key -> empty array).
         `map_base()`, when given, returns read-only arrays of the same values (a file mapping) to keep
         as the pristine base; it is compared with what `fill_base` wrote. Without it, one copy is kept."""
@@ -330,12 +330,13 @@ def _sorted_in_range(idx: np.ndarray, size: int) -> bool:
 
 
 def _pristine(arrays: dict[str, np.ndarray],
-              map_base: Callable[[], Mapping[str, np.ndarray]] | None) -> dict[str, np.ndarray]:
+              map_base: Callable[[], Mapping[str, np.ndarray] | None] | None) -> dict[str, np.ndarray]:
     """The base values to restore from: the mapping when it equals what was read, else a copy."""
-    if map_base is None:
+    mapped = map_base() if map_base is not None else None
+    if mapped is None:
         base = {key: array.copy() for key, array in arrays.items()}
     else:
-        base = dict(map_base())
+        base = dict(mapped)
         for key, array in arrays.items():
             found = base.get(key)
             if found is None or found.shape != array.shape or found.dtype != array.dtype \

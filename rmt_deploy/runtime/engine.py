@@ -30,6 +30,7 @@ from rmt_deploy.artifacts.masks import decode_zero_indices
 from rmt_deploy.artifacts.task_file import TaskPack
 from rmt_deploy.errors import ArtifactError, InputError
 from rmt_deploy.runtime import backends
+from rmt_deploy.runtime.backends import Backend
 from rmt_deploy.runtime.buffer_pool import BASE, Lease, TaskPool, TensorSpec, ZeroSet
 from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime.task_reader import CompactTask, LazyZeros, TaskHead, read_compact
@@ -88,19 +89,14 @@ def _check_legacy_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str
         )
 
 
-def _make_pool(bundle: Bundle, impl: Any, cache_tasks: int, threads: int | None) -> TaskPool:
+def _make_pool(bundle: Bundle, impl: Backend, cache_tasks: int, threads: int | None) -> TaskPool:
     """The task pool, its first buffer filled with the base values (hash-checked while read)."""
     digest: list[str | None] = [None]
 
     def fill(arrays: dict[str, np.ndarray]) -> None:
-        reader = getattr(impl, "fill_base", None)
-        if reader is not None:
-            digest[0] = reader(arrays)
-        else:
-            for spec in impl.specs:
-                impl.read_base(spec, arrays[spec.key])
+        digest[0] = impl.fill_base(arrays)
 
-    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads, map_base=getattr(impl, "map_base", None))
+    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads, map_base=impl.map_base)
     if impl.base_file is not None and not bundle.verified:
         try:
             _check_legacy_base(bundle, impl.specs, pool.base, digest[0])
@@ -119,7 +115,7 @@ class Engine:
 
     BASE = BASE  # pseudo-task for `embed`: the unmasked base weights
 
-    def __init__(self, bundle: Bundle, backend: Any, pool: TaskPool, warm_bytes: int = DEFAULT_WARM_BYTES):
+    def __init__(self, bundle: Bundle, backend: Backend, pool: TaskPool, warm_bytes: int = DEFAULT_WARM_BYTES):
         self._bundle = bundle
         self._backend = backend
         self._pool = pool
@@ -282,13 +278,11 @@ class Engine:
         self._head(task)
         lease = self._lease(task)
         try:
-            prepare = getattr(self._backend, "prepare", None)
-            if prepare is not None:  # device copy or refit now, not on the next predict
-                if self._backend.concurrent:
-                    prepare(lease)
-                else:
-                    with self._run_lock:
-                        prepare(lease)
+            if self._backend.concurrent:  # device copy or refit now, not on the next predict
+                self._backend.prepare(lease)
+            else:
+                with self._run_lock:
+                    self._backend.prepare(lease)
         finally:
             self._pool.release(lease)
         self._task = task

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from rmt_deploy.artifacts.task_file import TaskPack, load_mask_blobs
+from rmt_deploy.artifacts.task_file import TaskPack, read_encoded
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
 
 
@@ -51,7 +51,7 @@ def test_mask_blobs_are_readable_without_decoding(tmp_path):
 
     pack = _pack()
     path = pack.save(tmp_path / "dtd.rmtask")
-    blobs = load_mask_blobs(path)
+    blobs = read_encoded(path).blobs
     for name, keep in pack.masks.items():
         np.testing.assert_array_equal(decode_mask(blobs[name]), keep)
 

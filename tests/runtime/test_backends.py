@@ -116,3 +116,20 @@ def test_tensorrt_that_fails_to_load_asked_for_explicitly_is_a_missing_dependenc
         trt_backend._import_tensorrt()
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed or does not load"):
         Engine.load(onnx_bundle, backend="tensorrt", device="cuda")
+
+
+@pytest.mark.parametrize("name", sorted(backends.BACKEND_CLASSES))
+def test_every_backend_implements_the_whole_contract(name):
+    """Each backend class defines every method of backends.Backend with the same parameters."""
+    import importlib
+    import inspect
+
+    module, cls_name = backends.BACKEND_CLASSES[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    methods = [m for m, v in vars(backends.Backend).items() if inspect.isfunction(v) and not m.startswith("_")]
+    assert set(methods) == {"fill_base", "map_base", "prepare", "run", "close"}
+    for method in methods:
+        assert method in vars(cls), f"{cls_name} does not define {method}"
+        want = list(inspect.signature(getattr(backends.Backend, method)).parameters)
+        assert list(inspect.signature(getattr(cls, method)).parameters) == want, (cls_name, method)
+    assert isinstance(vars(cls).get("concurrent"), bool), f"{cls_name}.concurrent is not declared"

@@ -163,7 +163,7 @@ def test_tensorrt_specs_refuse_bad_refit_maps():
 
 
 def test_tensorrt_pool_holds_transposed_masked_weights(tmp_path):
-    """read_base + stored_indices give the engine layout: transpose(base * mask, perm)."""
+    """fill_base_all + stored_indices give the engine layout: transpose(base * mask, perm)."""
     from safetensors.numpy import save_file
 
     from rmt_deploy.runtime.baseweights import SafetensorsReader
@@ -175,9 +175,9 @@ def test_tensorrt_pool_holds_transposed_masked_weights(tmp_path):
     save_file(base, str(tmp_path / "w.safetensors"))
     reader = SafetensorsReader(tmp_path / "w.safetensors")
     specs = trt_backend.tensor_specs(_trt_manifest())
-    out = np.empty((4, 6), np.float32)
-    trt_backend.read_base_into(reader, specs[0], out)
-    np.testing.assert_array_equal(out, base["blocks.0.in_proj_weight"].T)
+    arrays = {s.key: np.empty(s.shape, s.dtype) for s in specs}
+    trt_backend.fill_base_all(reader, specs, arrays, None)
+    np.testing.assert_array_equal(arrays[specs[0].key], base["blocks.0.in_proj_weight"].T)
 
     pool = TaskPool(specs, lambda arrays: trt_backend.fill_base_all(reader, specs, arrays, None), capacity=1,
                     workers=1)

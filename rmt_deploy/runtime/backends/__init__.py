@@ -1,19 +1,17 @@
 """Backends run the shared image encoder on a leased set of masked weights.
 
-A backend exposes `specs` (the masked tensors under the keys it is fed by),
-`read_base(spec, out)` (the base values, read once into the pool's first buffer),
-`base_file` (the file they come from, which the engine checks; None if the backend checks its base),
-`run(batch, lease) -> embeddings` and `close()`. `concurrent` says whether runs on
-different leases may overlap; if not, the engine serialises them.
-Each backend module imports its library lazily; asking for a missing one raises
-MissingDependencyError naming the extra.
+`Backend` is the contract the engine relies on; `BACKEND_CLASSES` names the implementation of
+each backend (onnxruntime, tensorrt, torch), `choose` picks one for a bundle and a device and
+`create` builds it. Each backend module imports its library lazily; asking for a missing one
+raises MissingDependencyError naming the extra.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 
@@ -21,21 +19,40 @@ from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.errors import InputError, MissingDependencyError
 from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+AUTO = "auto"
 CUDA_EP = "CUDAExecutionProvider"
 
 
 class Backend(Protocol):
-    name: str
-    concurrent: bool
-    specs: list[TensorSpec]
-    base_file: Path | None  # the bundle file read_base reads (sha256-checked by the engine); None for torch
+    """What the engine needs of a backend: the masked tensors it is fed, their base values, and runs."""
 
-    def read_base(self, spec: TensorSpec, out: np.ndarray) -> None: ...
+    name: str                # e.g. 'onnxruntime-cpu', 'tensorrt', 'torch-cuda'
+    concurrent: bool         # runs on different leases may overlap; if False the engine serialises them
+    specs: list[TensorSpec]  # the masked tensors, under the keys and in the layout the backend is fed
+    base_file: Path | None   # the bundle file the base values come from; None when they come from the model
 
-    def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray: ...
+    def fill_base(self, arrays: dict[str, np.ndarray]) -> str | None:
+        """Write the base values into `arrays` (one per spec key); the sha256 of base_file as read, or None."""
 
-    def close(self) -> None: ...
+    def map_base(self) -> Mapping[str, np.ndarray] | None:
+        """Read-only arrays of the same values (a file mapping) for the pool to restore from; None: keep a copy."""
+
+    def prepare(self, lease: Lease) -> None:
+        """Make the lease's weights current now (a device copy or refit), not on the next run."""
+
+    def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
+        """The L2-normalised embeddings [N, D] of a float32 NCHW batch under the lease's weights."""
+
+    def close(self) -> None:
+        """Release the session, engine or model; the backend is not used again."""
+
+
+BACKEND_CLASSES = {  # backend name -> (module, class); imported only when chosen
+    "onnxruntime": ("rmt_deploy.runtime.backends.onnxruntime", "OrtBackend"),
+    "torch": ("rmt_deploy.runtime.backends.torch", "TorchBackend"),
+    "tensorrt": ("rmt_deploy.runtime.backends.tensorrt", "TensorRTBackend"),
+}
+BACKENDS = (AUTO, *BACKEND_CLASSES)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -118,10 +135,10 @@ def choose(bundle: Bundle, backend: str, device: str) -> tuple[str, str]:
     cannot), else the CPU order below, with a RuntimeWarning. 'auto' on 'cpu': ONNX Runtime,
     else torch. The ONNX Runtime choices need the bundle's shared base.onnx.
     """
-    if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != AUTO and backend not in BACKEND_CLASSES:
+        raise InputError(f"backend {backend!r} is not one of {', '.join([AUTO, *BACKEND_CLASSES])}")
     kind, index = parse_device(device)
-    if backend != "auto":
+    if backend != AUTO:
         return backend, device
     if kind == "cuda":
         name = _auto_cuda(bundle, index)
@@ -139,15 +156,10 @@ def choose(bundle: Bundle, backend: str, device: str) -> tuple[str, str]:
     )
 
 
-def create(bundle: Bundle, backend: str, device: str, threads: int | None) -> Any:
+def create(bundle: Bundle, backend: str, device: str, threads: int | None) -> Backend:
     """Build the backend object that `choose` picks."""
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InputError(f"threads={threads!r} must be a positive integer or None")
     name, device = choose(bundle, backend, device)
-    if name == "onnxruntime":
-        from rmt_deploy.runtime.backends.onnxruntime import OrtBackend as cls
-    elif name == "torch":
-        from rmt_deploy.runtime.backends.torch import TorchBackend as cls
-    else:
-        from rmt_deploy.runtime.backends.tensorrt import TensorRTBackend as cls
-    return cls(bundle, device, threads)
+    module, cls = BACKEND_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)(bundle, device, threads)

@@ -139,16 +139,6 @@ def source_shape(spec: TensorSpec) -> tuple[int, ...]:
     return tuple(spec.shape[spec.perm.index(axis)] for axis in range(len(spec.shape)))
 
 
-def read_base_into(weights: SafetensorsReader, spec: TensorSpec, out: np.ndarray) -> None:
-    """The base values of `spec.tensor` into `out`, in the stored (possibly transposed) layout."""
-    if spec.perm is None:
-        weights.read_into(spec.tensor, out)
-        return
-    source = np.empty(source_shape(spec), out.dtype)
-    weights.read_into(spec.tensor, source)
-    out[...] = np.transpose(source, spec.perm)
-
-
 def fill_base_all(weights: SafetensorsReader, specs: list[TensorSpec], arrays: Mapping[str, np.ndarray],
                   record: Any) -> str:
     """Every spec's base values into `arrays` in one hashed pass over the file (transposed ones via a
@@ -355,6 +345,10 @@ class TensorRTBackend:
         if not self.refitter.refit_cuda_engine_async(int(self.stream)):
             raise InternalError("TensorRT refit failed (see the TensorRT log above)")
         self._active = (lease.slot, lease.generation)
+
+    def map_base(self) -> None:
+        """The pool keeps a host copy of the base (the engine's layout can be a transpose of the file's)."""
+        return None
 
     def prepare(self, lease: Lease) -> None:
         """Refit the engine to the lease's weights now (so a switch is complete when it returns)."""

@@ -56,8 +56,14 @@ class TorchBackend:
         self._active: tuple[int, int] | None = None
         self._device_slots: dict[int, tuple[int, dict[str, Any]]] = {}
 
-    def read_base(self, spec: TensorSpec, out: np.ndarray) -> None:
-        out[...] = self.params[spec.key].detach().cpu().numpy()
+    def fill_base(self, arrays: dict[str, np.ndarray]) -> None:
+        """The model's own values of the masked parameters (fingerprint-checked at load)."""
+        for spec in self.specs:
+            arrays[spec.key][...] = self.params[spec.key].detach().cpu().numpy()
+
+    def map_base(self) -> None:
+        """No file to map: the pool keeps a copy."""
+        return None
 
     def _activate(self, lease: Lease) -> None:
         if self._active == (lease.slot, lease.generation):
