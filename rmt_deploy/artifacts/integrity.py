@@ -151,7 +151,7 @@ class Sha256Reader:
 
 class BackgroundHash:
     """The sha256 of a file computed on a helper thread (hashlib releases the GIL), for files that
-    a library (ONNX Runtime) maps itself: loading from our own bytes measured 2.7x slower."""
+    a library (ONNX Runtime) maps itself, so the file is read once (docs/performance.md: why)."""
 
     def __init__(self, path: Path, record: FileRecord | None):
         self.path, self.record = path, record

@@ -5,7 +5,7 @@ indices and zeroing B's: two scatters touching a few percent of the memory. A ta
 comes as a ZeroSet per tensor: its zero indices, and the base values there once a
 rewrite has read them from the buffer just before zeroing them (the buffer then holds
 exactly the base). The caller's warm tier keeps the ZeroSets, so switching back to a
-task is two scatters and no gather (measured 1.26x faster). One pristine copy of the
+task is two scatters and no gather. One pristine copy of the
 masked tensors (a read-only mapping of the bundle's base weights file where the
 layouts match, else one copy in memory) fills new buffers and resets a buffer after
 a failed rewrite.
@@ -135,7 +135,7 @@ class TaskPool:
         self._clock = 0
         self._closed = False
         self._cond = threading.Condition()
-        # numpy scatters release the GIL: rewriting tensors on a few threads cuts a miss ~1.7x on 2 cores
+        # numpy scatters release the GIL, so tensors are rewritten on a few threads at once
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         self._executor = ThreadPoolExecutor(workers, "rmt-pool") if workers > 1 and len(specs) > 1 else None
         arrays = {spec.key: np.empty(spec.shape, spec.dtype) for spec in specs}

@@ -37,7 +37,7 @@ class RayServeConfig:
     max_image_pixels: int = 4096 * 4096    # per image, raw or decoded (protocol.ImageLimits)
     max_request_bytes: int = 256 << 20     # per HTTP request body
     model_name: str = "rmt"
-    routing: str = "multiplexed"           # "round_robin": no task affinity (the benchmark's baseline)
+    routing: str = "multiplexed"           # or "round_robin": task-blind, for replicas that hold every task
     app_name: str = "rmt"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unknown keys, kept for the warning
 

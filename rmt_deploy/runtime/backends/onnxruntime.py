@@ -17,7 +17,7 @@ import numpy as np
 from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.artifacts.integrity import REBUILD, BackgroundHash
 from rmt_deploy.errors import ArtifactError, MissingDependencyError, RmtError, require
-from rmt_deploy.runtime.backends import CUDA_EP, parse_device
+from rmt_deploy.runtime.backends.contract import CUDA_EP, parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
 from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 

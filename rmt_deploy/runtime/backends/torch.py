@@ -14,7 +14,7 @@ import numpy as np
 from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.artifacts.fingerprint import short
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, MissingDependencyError, require
-from rmt_deploy.runtime.backends import parse_device
+from rmt_deploy.runtime.backends.contract import parse_device
 from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
 
