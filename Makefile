@@ -31,3 +31,11 @@ bench: $(DEV_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+
+# GPU check (issue 23, docs/gpu.md): `make gpu-wheels` here, then `bash benchmarks/gpu/run.sh` on the GPU machine
+.PHONY: gpu-check gpu-wheels
+gpu-check:
+	bash benchmarks/gpu/run.sh $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	bash benchmarks/gpu/wheels.sh
