@@ -1,8 +1,11 @@
-"""Shared fixtures: a tiny open_clip base saved as a local checkpoint, task packs on it, bundles holding them, and the torch reference."""
+"""Shared fixtures: a tiny open_clip base saved as a local checkpoint, task packs on it, bundles holding them
+(exported once per configuration per session by make_bundle), and the torch reference."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -58,13 +61,30 @@ def make_taskpack(tiny_base):
     return make
 
 
-TASKS = {"alpha": 1, "beta": 2, "gamma": 3}  # name -> seed
+# Task sets as make_taskpack specs (name, seed, zeros, classes): the same spec gives the same pack.
+TASK_SPECS = SimpleNamespace(
+    three=(("alpha", 1, 0.1, 3), ("beta", 2, 0.1, 4), ("gamma", 3, 0.1, 5)),   # packs, onnx_bundle
+    two=(("alpha", 1, 0.05, 3), ("beta", 2, 0.20, 4)),                          # task_files, bundle_dir
+)
+
+
+@pytest.fixture(scope="session")
+def task_specs() -> SimpleNamespace:
+    """The shared task sets as (name, seed, zeros, classes) specs: three (packs), two (task_files)."""
+    return TASK_SPECS
 
 
 @pytest.fixture(scope="session")
 def packs(make_taskpack):
     """Three tasks on the tiny base, 10% zeros, different class counts."""
-    return {name: make_taskpack(name, seed=seed, zeros=0.1, classes=2 + seed) for name, seed in TASKS.items()}
+    return {spec[0]: make_taskpack(*spec) for spec in TASK_SPECS.three}
+
+
+@pytest.fixture(scope="session")
+def task_files(make_taskpack, tmp_path_factory) -> list[Path]:
+    """alpha and beta: 5% and 20% zeros, 3 and 4 classes, saved as .rmtask files."""
+    folder = tmp_path_factory.mktemp("tasks")
+    return [make_taskpack(*spec).save(folder / f"{spec[0]}.rmtask") for spec in TASK_SPECS.two]
 
 
 @pytest.fixture(scope="session")
@@ -114,16 +134,58 @@ def torch_bundle(tmp_path_factory, tiny_base, tiny_checkpoint, packs):
 
 
 @pytest.fixture(scope="session")
-def onnx_bundle(tmp_path_factory, tiny_checkpoint, packs):
+def make_bundle(tmp_path_factory, tiny_checkpoint, make_taskpack):
+    """make_bundle(tasks, mode=..., masked_inputs=..., fp16=..., max_batch=..., target=...) -> the path of a
+    verified bundle on the tiny base, exported once per session for each distinct set of arguments.
+
+    tasks: (name, seed, zeros, classes) specs built with make_taskpack, or .rmtask files. The bundle is
+    shared: read it, never change it (copy_bundle gives a copy to change). make_bundle.report(path) is the
+    ExportReport of the export that wrote it.
+    """
+    pytest.importorskip("onnxruntime")
+    bundles: dict[tuple, Path] = {}
+    reports: dict[Path, object] = {}
+
+    def make(tasks, mode: str = "shared", masked_inputs: str = "required", fp16: bool = False,
+             max_batch: int = 32, target: str = "onnx") -> Path:
+        tasks = [t if isinstance(t, tuple) else Path(t).resolve() for t in tasks]
+        key = (tuple(tasks), mode, masked_inputs, fp16, max_batch, target)
+        if key not in bundles:
+            from rmt_deploy.export import ExportConfig, export_bundle
+
+            folder = tmp_path_factory.mktemp("bundle")
+            (folder / "packs").mkdir()
+            paths = [t if isinstance(t, Path) else make_taskpack(*t).save(folder / "packs" / f"{t[0]}.rmtask")
+                     for t in tasks]
+            out = folder / "bundle"
+            config = ExportConfig(TINY_MODEL, str(tiny_checkpoint), paths, out, target=target, mode=mode,
+                                  fp16=fp16, max_batch=max_batch, masked_inputs=masked_inputs)
+            reports[out] = export_bundle(config, progress=False)
+            bundles[key] = out
+        return bundles[key]
+
+    make.report = lambda path: reports[Path(path)]
+    return make
+
+
+@pytest.fixture(scope="session")
+def copy_bundle():
+    """copy_bundle(path, folder) -> folder/"bundle", a copy of the bundle at path that a test may change."""
+    def copy_to(path: Path, folder: Path) -> Path:
+        return Path(shutil.copytree(path, Path(folder) / "bundle"))
+
+    return copy_to
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(make_bundle):
     """A bundle exported by rmt_deploy.export (shared + folded ONNX) holding the three tasks."""
-    export = pytest.importorskip("rmt_deploy.export", reason="rmt_deploy.export is not available yet")
-    root = tmp_path_factory.mktemp("packs")
-    paths = [pack.save(root / f"{name}.rmtask") for name, pack in packs.items()]
-    out = tmp_path_factory.mktemp("onnx_bundle") / "bundle"
-    config = export.ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_paths=paths, out=out, target="onnx",
-                                 mode="both", max_batch=4)
-    export.export_bundle(config, progress=False)
     from rmt_deploy.artifacts.bundle import Bundle
 
-    return Bundle.open(out)
+    return Bundle.open(make_bundle(TASK_SPECS.three, mode="both", max_batch=4))
 
+
+@pytest.fixture(scope="session")
+def bundle_dir(make_bundle) -> Path:
+    """A verified fp32 bundle with base.onnx and folded models for alpha and beta (task_files' packs)."""
+    return make_bundle(TASK_SPECS.two, mode="both")

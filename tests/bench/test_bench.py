@@ -13,15 +13,9 @@ from rmt_deploy.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bundle(make_taskpack, tiny_checkpoint, tmp_path_factory):
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    folder = tmp_path_factory.mktemp("bench")
-    paths = [make_taskpack(name, seed=i, zeros=0.05).save(folder / f"{name}.rmtask")
-             for i, name in enumerate(["dtd", "eurosat"])]
-    config = ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), paths, folder / "bundle", mode="both")
-    export_bundle(config, progress=False)
-    return folder / "bundle"
+def bundle(bundle_dir):
+    """The shared + folded bundle of alpha and beta that the export tests check (read only here)."""
+    return bundle_dir
 
 
 def _schema():
@@ -36,13 +30,14 @@ def test_bench_writes_schema_valid_json_and_png(bundle, tmp_path, capsys):
     results = json.loads(out_json.read_text())
     jsonschema.validate(results, _schema())
     variants = {(r["variant"], r["batch"]) for r in results["latency"]}
-    expected = {(v, b) for b in (1, 2) for v in ("shared:dtd", "shared:eurosat", "folded:dtd", "folded:eurosat", "base")}
+    names = ("shared:alpha", "shared:beta", "folded:alpha", "folded:beta", "base")
+    expected = {(v, b) for b in (1, 2) for v in names}
     assert variants == expected
     assert {"cached_ms", "uncached_ms", "naive_ms"} <= set(results["switch"])
     assert results["memory"]["shared_cache1_mb"] > 0 and results["memory"]["folded_one_session_mb"] > 0
-    assert results["disk"]["tasks"]["dtd"]["folded_bytes"] > results["disk"]["tasks"]["dtd"]["rmtask_bytes"]
+    assert results["disk"]["tasks"]["alpha"]["folded_bytes"] > results["disk"]["tasks"]["alpha"]["rmtask_bytes"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 5000
-    assert "shared:dtd" in table and "switch (p50 ms)" in table
+    assert "shared:alpha" in table and "switch (p50 ms)" in table
 
 
 def test_schema_rejects_a_result_without_latency(bundle, tmp_path):
@@ -61,7 +56,7 @@ def test_schema_rejects_a_result_without_latency(bundle, tmp_path):
     [
         (["--batch-sizes", "1,x"], "--batch-sizes '1,x'"),
         (["--batch-sizes", "0"], "positive integers"),
-        (["--tasks", "dtdd"], "task 'dtdd' not in bundle"),
+        (["--tasks", "alphaa"], "task 'alphaa' not in bundle"),
         (["--repeats", "0"], "repeats 0"),
         (["--json", "/nonexistent-folder/x.json"], "does not exist"),
     ],

@@ -29,18 +29,16 @@ def _train(task, checkpoint, out, head):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_checkpoint, tmp_path_factory):
+def trained(tiny_checkpoint, make_bundle, tmp_path_factory):
     """Both demo tasks with every head, exported into one bundle (shared and folded)."""
-    from rmt_deploy.export import ExportConfig, export_bundle
-
     root = tmp_path_factory.mktemp("heads")
     tasks = [build_textures(root / "textures", SHOTS, TEST_PER_CLASS),
              build_digits(root / "digits", SHOTS, TEST_PER_CLASS)]
     results = {(t.name, h): _train(t, tiny_checkpoint, root / "runs" / f"{t.name}-{h}", h)
                for t in tasks for h in HEADS}
-    report = export_bundle(ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), [r.taskpack for r in results.values()],
-                                        root / "bundle", mode="both"), progress=False)
-    return {"tasks": {t.name: t for t in tasks}, "results": results, "report": report, "bundle": root / "bundle"}
+    bundle = make_bundle([r.taskpack for r in results.values()], mode="both")
+    return {"tasks": {t.name: t for t in tasks}, "results": results, "report": make_bundle.report(bundle),
+            "bundle": bundle}
 
 
 def _test_images(task):

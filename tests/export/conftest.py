@@ -1,4 +1,5 @@
-"""Export fixtures: two task packs on the tiny base and one shared+folded bundle built from them."""
+"""Export fixtures: references independent of the export code (task_files and bundle_dir, the two
+packs and their shared+folded bundle, live in tests/conftest.py)."""
 from __future__ import annotations
 
 import copy
@@ -7,29 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-TINY_MODEL = "rmt-tiny-vit"
-
-
-@pytest.fixture(scope="session")
-def task_files(make_taskpack, tmp_path_factory) -> list[Path]:
-    """alpha and beta: 5% and 20% zeros, 3 and 4 classes, saved as .rmtask files."""
-    folder = tmp_path_factory.mktemp("tasks")
-    alpha = make_taskpack("alpha", seed=1, zeros=0.05, classes=3).save(folder / "alpha.rmtask")
-    beta = make_taskpack("beta", seed=2, zeros=0.20, classes=4).save(folder / "beta.rmtask")
-    return [alpha, beta]
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tiny_checkpoint, task_files, tmp_path_factory) -> Path:
-    """A verified fp32 bundle with base.onnx and folded models for alpha and beta."""
-    pytest.importorskip("onnxruntime")
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle(ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_files, out, mode="both"), progress=False)
-    return out
-
 
 
 def masked_torch_logits(visual, pack, images: np.ndarray) -> np.ndarray:

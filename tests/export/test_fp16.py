@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,17 +9,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-TINY_MODEL = "rmt-tiny-vit"
-
 
 @pytest.fixture(scope="module")
-def fp16_bundle(tiny_checkpoint, task_files, tmp_path_factory):
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    out = tmp_path_factory.mktemp("fp16") / "bundle"
-    report = export_bundle(ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_files, out, mode="both",
-                                        fp16=True), progress=False)
-    return out, report
+def fp16_bundle(make_bundle, task_specs):
+    out = make_bundle(task_specs.two, mode="both", fp16=True)
+    return out, make_bundle.report(out)
 
 
 def test_fp16_report_gives_error_and_top1_agreement_within_tolerance(fp16_bundle):
@@ -70,14 +63,13 @@ def test_fp16_graph_keeps_layernorm_and_softmax_in_fp32(fp16_bundle):
     assert {t["dtype"] for t in manifest["masked_tensors"]} == {"float16"}
 
 
-def test_fp16_bundle_with_a_flipped_base_weight_byte_is_refused(fp16_bundle, tmp_path):
+def test_fp16_bundle_with_a_flipped_base_weight_byte_is_refused(fp16_bundle, copy_bundle, tmp_path):
     """fp16 base values cannot be checked against the fp32 fingerprint: the file's sha256 catches it."""
     from rmt_deploy.errors import ArtifactError
     from rmt_deploy.runtime.engine import Engine
 
     out, _ = fp16_bundle
-    root = tmp_path / "bundle"
-    shutil.copytree(out, root)
+    root = copy_bundle(out, tmp_path)
     path = root / "base_weights.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # the last byte is tensor data: one fp16 value changes slightly

@@ -118,15 +118,13 @@ def test_manifest_is_json_with_every_documented_field(bundle_dir):
     assert set(data["masked_tensors"][0]) == {"name", "shape", "dtype", "input_name"}
 
 
-def test_defaults_mode_runs_unfed_as_the_base_and_fed_as_the_task(refs, tiny_checkpoint, task_files, tiny_base,
-                                                                  packs, images, tmp_path):
+def test_defaults_mode_runs_unfed_as_the_base_and_fed_as_the_task(refs, make_bundle, make_taskpack, task_specs,
+                                                                  tiny_base, images):
     import torch
 
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    out = tmp_path / "defaults"
-    export_bundle(ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_files[:1], out,
-                               masked_inputs="defaults"), progress=False)
+    # the same bundle as tests/runtime/test_engine_onnx.py's defaults test: one export for both
+    out = make_bundle(task_specs.three[:2], mode="shared", masked_inputs="defaults", max_batch=4)
+    pack = make_taskpack(*task_specs.three[0])
     model = onnx.load(str(out / "base.onnx"))
     names = {i.name for i in model.graph.initializer}
     masked = [i.name for i in model.graph.input if i.name != "image"]
@@ -139,10 +137,10 @@ def test_defaults_mode_runs_unfed_as_the_base_and_fed_as_the_task(refs, tiny_che
     from safetensors.numpy import load_file
 
     weights = load_file(str(out / "base_weights.safetensors"))
-    feeds = {n.replace(".", "_"): weights[n] * packs[0].masks[n] for n in weights}
+    feeds = {n.replace(".", "_"): weights[n] * pack.masks[n] for n in weights}
     fed = session.run(["embedding"], {"image": images, **feeds})[0]
-    reference = refs.masked_torch_logits(tiny_base.model.visual, packs[0], images)
-    assert refs.rel_l2(packs[0].logit_scale * fed @ packs[0].head.T, reference) <= 1e-5
+    reference = refs.masked_torch_logits(tiny_base.model.visual, pack, images)
+    assert refs.rel_l2(pack.logit_scale * fed @ pack.head.T, reference) <= 1e-5
     assert json.loads((out / "manifest.json").read_text())["masked_inputs"] == "defaults"
 
 
@@ -163,13 +161,11 @@ def test_large_models_use_external_data(refs, tiny_checkpoint, task_files, tiny_
     assert refs.rel_l2(logits, refs.masked_torch_logits(tiny_base.model.visual, packs[0], images)) <= 1e-5
 
 
-def test_folded_mode_writes_no_shared_graph(tiny_checkpoint, task_files, tmp_path):
+def test_folded_mode_writes_no_shared_graph(make_bundle, task_specs):
     from rmt_deploy.artifacts.bundle import Bundle
-    from rmt_deploy.export import ExportConfig, export_bundle
 
-    out = tmp_path / "folded-only"
-    report = export_bundle(ExportConfig(TINY_MODEL, str(tiny_checkpoint), task_files, out, mode="folded"),
-                           progress=False)
+    out = make_bundle(task_specs.two, mode="folded")
+    report = make_bundle.report(out)
     assert sorted(p.name for p in out.iterdir()) == ["folded", "manifest.json", "tasks"]
     manifest = Bundle.open(out).manifest
     assert manifest.files == {"onnx": {"folded": {"alpha": "folded/alpha.onnx", "beta": "folded/beta.onnx"}}}

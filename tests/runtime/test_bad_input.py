@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import numpy as np
@@ -23,11 +22,10 @@ def engine(onnx_bundle):
 
 
 @pytest.fixture
-def damaged(onnx_bundle, tmp_path):
+def damaged(onnx_bundle, copy_bundle, tmp_path):
     """damaged(relative path, how) -> a copy of the bundle with one file altered."""
     def make(relative: str, how: str):
-        root = tmp_path / "bundle"
-        shutil.copytree(onnx_bundle.root, root)
+        root = copy_bundle(onnx_bundle.root, tmp_path)
         path = root / relative
         data = bytearray(path.read_bytes())
         if how == "truncate":
@@ -152,9 +150,8 @@ def test_legacy_manifest_without_base_sha256_falls_back_to_the_fingerprint(damag
         Engine.load(root, threads=1)
 
 
-def test_missing_bundle_file_is_an_artifact_error(onnx_bundle, tmp_path):
-    root = tmp_path / "bundle"
-    shutil.copytree(onnx_bundle.root, root)
+def test_missing_bundle_file_is_an_artifact_error(onnx_bundle, copy_bundle, tmp_path):
+    root = copy_bundle(onnx_bundle.root, tmp_path)
     (root / "base_weights.safetensors").unlink()
     with pytest.raises(ArtifactError, match="bundle file missing"):
         Engine.load(root)

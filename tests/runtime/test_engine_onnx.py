@@ -32,14 +32,10 @@ def test_ort_matches_folded_models(onnx_bundle, images):
             np.testing.assert_allclose(engine.predict(images, task=task).logits, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_bundle_with_initializer_defaults_is_fed_the_same(tmp_path, tiny_checkpoint, packs, images, reference):
+def test_bundle_with_initializer_defaults_is_fed_the_same(make_bundle, task_specs, packs, images, reference):
     """masked_inputs="defaults": ORT lists the masked inputs as overridable initializers; feeding still wins."""
-    from rmt_deploy.export import ExportConfig, export_bundle
-
-    paths = [packs[name].save(tmp_path / f"{name}.rmtask") for name in ("alpha", "beta")]
-    export_bundle(ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), paths, tmp_path / "bundle", mode="shared",
-                               max_batch=4, verify=False, masked_inputs="defaults"), progress=False)
-    with Engine.load(tmp_path / "bundle", cache_tasks=1, threads=1) as engine:
+    bundle = make_bundle(task_specs.three[:2], mode="shared", masked_inputs="defaults", max_batch=4)
+    with Engine.load(bundle, cache_tasks=1, threads=1) as engine:
         for task in ["beta", "alpha", "beta"]:
             np.testing.assert_allclose(engine.predict(images, task=task).logits, reference(packs[task], images),
                                        rtol=1e-4, atol=1e-4)

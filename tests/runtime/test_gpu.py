@@ -25,19 +25,14 @@ def _cuda_torch():
 
 
 @pytest.fixture(scope="module")
-def trt_bundle(tmp_path_factory, tiny_checkpoint, packs):
+def trt_bundle(make_bundle, task_specs):
+    """onnx_bundle's three tasks (the packs fixture) exported with TensorRT engines too."""
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU and driver)")
     pytest.importorskip("cuda", reason="cuda-python is not installed")
     _cuda_torch()
     from rmt_deploy.artifacts.bundle import Bundle
-    from rmt_deploy.export import ExportConfig, export_bundle
 
-    root = tmp_path_factory.mktemp("trt_packs")
-    paths = [pack.save(root / f"{name}.rmtask") for name, pack in packs.items()]
-    out = tmp_path_factory.mktemp("trt") / "bundle"
-    export_bundle(ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), paths, out, target="trt", mode="both",
-                               max_batch=4), progress=False)
-    return Bundle.open(out)
+    return Bundle.open(make_bundle(task_specs.three, mode="both", target="trt", max_batch=4))
 
 
 def _folded_logits(bundle, task: str, batch: np.ndarray) -> np.ndarray:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import threading
 
 import numpy as np
@@ -42,10 +41,8 @@ def _rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.fixture
-def bundle_copy(onnx_bundle, tmp_path):
-    root = tmp_path / "bundle"
-    shutil.copytree(onnx_bundle.root, root)
-    return root
+def bundle_copy(onnx_bundle, copy_bundle, tmp_path):
+    return copy_bundle(onnx_bundle.root, tmp_path)
 
 
 def test_load_reads_only_the_current_task(bundle_copy, images):

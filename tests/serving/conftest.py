@@ -1,6 +1,8 @@
-"""Serving fixtures: a four-task tiny bundle, a real `rmt-deploy serve` on free local ports, clients."""
+"""Serving fixtures: the four-task and the Ray bundles (make_bundle), a real `rmt-deploy serve` of either
+engine on free local ports, a local Ray cluster for in-process Serve apps, clients."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,15 +38,18 @@ def serve_task_files(make_taskpack, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def serve_bundle(tiny_checkpoint, serve_task_files, tmp_path_factory) -> Path:
+def serve_bundle(make_bundle) -> Path:
     """A shared + folded bundle of the four tasks (3 to 9 classes, so some have fewer than TOP_K)."""
-    pytest.importorskip("onnxruntime")
-    from rmt_deploy.export import ExportConfig, export_bundle
+    return make_bundle([(name, seed, 0.1, classes) for name, (seed, classes) in TASKS.items()], mode="both")
 
-    out = tmp_path_factory.mktemp("serve_bundle") / "bundle"
-    export_bundle(ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), serve_task_files, out, mode="both"),
-                  progress=False)
-    return out
+
+RAY_TASKS = [(f"task{i}", 10 + i, 0.1, 2 + i % 4) for i in range(8)]  # (name, seed, zeros, classes)
+
+
+@pytest.fixture(scope="session")
+def ray_bundle(make_bundle) -> Path:
+    """A shared-mode bundle of 8 tasks task0..task7 (2 to 5 classes): the Ray apps' bundle."""
+    return make_bundle(RAY_TASKS, mode="shared", max_batch=4)
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +79,12 @@ class Served:
 
 
 def wait_ready(served: Served, timeout: float = 120.0) -> None:
+    """Until GET /v2/health/ready answers 200; RuntimeError with the log if the server exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if served.process.poll() is not None:
-            raise RuntimeError(f"rmt-deploy serve exited {served.process.returncode}:\n{served.log.read_text()}")
+            log = served.log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"rmt-deploy serve exited {served.process.returncode}:\n{log}")
         try:
             with urllib.request.urlopen(f"http://{served.http_url}/v2/health/ready", timeout=2) as response:
                 if response.status == 200:
@@ -84,22 +92,29 @@ def wait_ready(served: Served, timeout: float = 120.0) -> None:
         except OSError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"rmt-deploy serve not ready after {timeout} s:\n{served.log.read_text()}")
+    log = served.log.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"rmt-deploy serve not ready after {timeout} s:\n{log}")
 
 
-def start_server(bundle: Path, log: Path, *args: str) -> Served:
-    pytest.importorskip("tritonclient.http")
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (tritonserver) is not installed")
+def start_server(bundle: Path, log: Path, *args: str, engine: str = "triton", env: dict | None = None,
+                 timeout: float = 120.0) -> Served:
+    """`rmt-deploy serve --engine ENGINE` on free local ports, ready; ray: a local cluster of its own
+    unless env names RAY_ADDRESS."""
+    if engine == "triton":
+        pytest.importorskip("tritonclient.http")
+        pytest.importorskip("pytriton", reason="nvidia-pytriton (tritonserver) is not installed")
     http, grpc, metrics = CLIENTS.free_ports(3)
-    command = [sys.executable, "-m", "rmt_deploy.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-               "--top-k", str(TOP_K), "--drain-timeout", "5", *args]
-    handle = open(log, "wb")
-    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-    handle.close()
+    command = [sys.executable, "-m", "rmt_deploy.cli", "serve", "--engine", engine, "--bundle", str(bundle),
+               "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+               "--metrics-port", str(metrics), "--top-k", str(TOP_K), "--drain-timeout", "5", *args]
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    environment.update(RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)
     served = Served(process, http, grpc, metrics, log)
     try:
-        wait_ready(served)
+        wait_ready(served, timeout)
     except BaseException:
         stop_server(served)
         raise
@@ -107,12 +122,13 @@ def start_server(bundle: Path, log: Path, *args: str) -> Served:
 
 
 def stop_server(served: Served, timeout: float = 60.0) -> int:
+    """SIGTERM, then SIGKILL to the whole process group after `timeout` s; the exit status."""
     if served.process.poll() is None:
         served.process.send_signal(signal.SIGTERM)
         try:
             served.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.kill(served.process.pid, signal.SIGKILL)
+            os.killpg(served.process.pid, signal.SIGKILL)
             served.process.wait()
     return served.process.returncode
 
@@ -142,6 +158,13 @@ def clients():
     return CLIENTS
 
 
+@pytest.fixture(scope="session")
+def serve_process() -> SimpleNamespace:
+    """start(bundle, log, *args, engine=, env=, timeout=) / stop(served) / wait_ready(served): a real
+    `rmt-deploy serve` process of either engine (the launch and server fixtures use the same)."""
+    return SimpleNamespace(start=start_server, stop=stop_server, wait_ready=wait_ready)
+
+
 @pytest.fixture
 def launch(tmp_path):
     """launch(bundle, *args) -> a fresh `rmt-deploy serve`, stopped after the test; plus launch.stop(served)."""
@@ -158,3 +181,39 @@ def launch(tmp_path):
     finally:
         for served in started:
             stop_server(served)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A local Ray cluster (2 CPUs) with Serve's HTTP proxy on a free port, for one test module: .url,
+    and .deploy(config, route_prefix) (see `deployed`). Serve and Ray are shut down at the end, whatever
+    happens."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'rmt-deploy[ray]')")
+    serve = pytest.importorskip("ray.serve")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    (port,) = CLIENTS.free_ports(1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", deploy=deployed)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def deployed(config, route_prefix: str = "/"):
+    """The rmt-deploy Ray app for `config` running on the current cluster; deleted on exit. Beside
+    the app at "/", another one goes at route_prefix "/v2/models/<its model_name>"."""
+    from ray import serve
+
+    from rmt_deploy.serving.ray import build_app
+
+    serve.run(build_app(config), name=config.app_name, route_prefix=route_prefix)
+    try:
+        yield
+    finally:
+        serve.delete(config.app_name)

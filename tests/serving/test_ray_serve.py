@@ -1,6 +1,7 @@
 """The Ray Serve application on a real local Ray cluster (2 CPUs, 2 replicas, 8 tasks, cache_tasks=2),
 queried over real HTTP: same results as Engine.predict, tasks routed to the replicas holding
-them, residency bounded, no wrong answer under load or when a replica's process is killed."""
+them, residency bounded, no wrong answer under load or when a replica's process is killed; and a
+round-robin app beside it on the same cluster."""
 from __future__ import annotations
 
 import io
@@ -8,20 +9,18 @@ import json
 import os
 import random
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'rmt-deploy[ray]')")
-serve = pytest.importorskip("ray.serve")
+pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'rmt-deploy[ray]')")
 requests = pytest.importorskip("requests")
 
 pytestmark = pytest.mark.slow
 
-TASKS = [f"task{i}" for i in range(8)]
+TASKS = [f"task{i}" for i in range(8)]  # the conftest's ray_bundle
 CACHE_TASKS = 2
 TOP_K = 3
 MAX_PIXELS = 256 * 256  # the kill test sends 256x256 images
@@ -29,46 +28,14 @@ MAX_BODY = 16 << 20     # ... 32 to a request, 6.3 MB
 
 
 @pytest.fixture(scope="module")
-def ray_bundle(tmp_path_factory, tiny_checkpoint, make_taskpack):
-    """A shared-mode bundle of 8 tasks on the tiny base (2 to 5 classes)."""
-    export = pytest.importorskip("rmt_deploy.export")
-    from rmt_deploy.artifacts.bundle import Bundle
+def service(ray_bundle, ray_cluster):
+    """The app (2 replicas, cache_tasks 2) at "/" on this module's local Ray cluster: its URL."""
+    from rmt_deploy.serving.ray import RayServeConfig
 
-    root = tmp_path_factory.mktemp("ray_packs")
-    paths = [make_taskpack(name, seed=10 + i, zeros=0.1, classes=2 + i % 4).save(root / f"{name}.rmtask")
-             for i, name in enumerate(TASKS)]
-    out = tmp_path_factory.mktemp("ray_bundle") / "bundle"
-    export.export_bundle(export.ExportConfig("rmt-tiny-vit", str(tiny_checkpoint), task_paths=paths, out=out,
-                                             target="onnx", mode="shared", max_batch=4), progress=False)
-    return Bundle.open(out)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def service(ray_bundle, tmp_path_factory):
-    """The app on a local Ray cluster started here; Ray is shut down at the end, whatever happens."""
-    from rmt_deploy.serving.ray import RayServeConfig, build_app
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    port = _free_port()
-    config = RayServeConfig(bundle=str(ray_bundle.root), replicas=2, cache_tasks=CACHE_TASKS, top_k=TOP_K,
+    config = RayServeConfig(bundle=str(ray_bundle), replicas=2, cache_tasks=CACHE_TASKS, top_k=TOP_K,
                             replica_cpus=0.5, threads=1, max_image_pixels=MAX_PIXELS, max_request_bytes=MAX_BODY)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with ray_cluster.deploy(config):
+        yield ray_cluster.url
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +80,8 @@ def _binary_body(tasks: list[str], images: np.ndarray) -> tuple[bytes, dict]:
     return header + names + images.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
-def _infer(url: str, body: dict, timeout: float = 60) -> requests.Response:
-    return requests.post(f"{url}/v2/models/rmt/infer", json=body, timeout=timeout)
+def _infer(url: str, body: dict, timeout: float = 60, model: str = "rmt") -> requests.Response:
+    return requests.post(f"{url}/v2/models/{model}/infer", json=body, timeout=timeout)
 
 
 def _outputs(response: requests.Response) -> dict[str, np.ndarray]:
@@ -142,8 +109,8 @@ def _text(labels: np.ndarray) -> np.ndarray:
     return np.array([[b.decode() if isinstance(b, bytes) else b for b in row] for row in labels], dtype=object)
 
 
-def _stats(url: str) -> dict:
-    return requests.get(f"{url}/v2/models/rmt/stats", timeout=30).json()
+def _stats(url: str, model: str = "rmt") -> dict:
+    return requests.get(f"{url}/v2/models/{model}/stats", timeout=30).json()
 
 
 def test_health_and_metadata(service):
@@ -328,6 +295,30 @@ def test_requests_go_to_the_replica_that_holds_their_task(service, engine):
         if hits >= 0.8 * served:
             break
     assert rounds[-1] >= 0.8 * 80, f"resident hits per round of 80 requests: {rounds}"
+
+
+def test_round_robin_routing_answers_every_task_from_both_replicas(service, ray_cluster, ray_bundle, engine):
+    """routing="round_robin" (task-blind, for replicas that hold every task): a second app on the same
+    cluster, 2 replicas holding all 8 tasks; every task answered as Engine.predict does, and the
+    requests alternate between the two replicas (the replicas' stats name each one and count its requests)."""
+    from rmt_deploy.serving.ray import RayServeConfig
+
+    config = RayServeConfig(bundle=str(ray_bundle), replicas=2, routing="round_robin", cache_tasks=len(TASKS),
+                            top_k=TOP_K, replica_cpus=0.5, threads=1, model_name="rr", app_name="rr")
+    with ray_cluster.deploy(config, route_prefix="/v2/models/rr"):
+        meta = requests.get(f"{service}/v2/models/rr", timeout=30).json()
+        assert meta["name"] == "rr" and meta["parameters"]["routing"] == "round_robin"
+        for i, task in enumerate(TASKS):
+            for image in _images(20 + i, count=2):
+                response = _infer(service, _body([task], [image]), model="rr")
+                assert response.status_code == 200, response.text
+                assert _same(_outputs(response), _expected(engine, task, image)), task
+        stats = _stats(service, model="rr")
+        assert stats["unreachable_replicas"] == 0 and stats["ingress"]["ok"] == 2 * len(TASKS), stats
+        replicas = stats["replicas"]
+        assert len({r["replica"] for r in replicas}) == 2, replicas
+        assert [r["requests"] for r in replicas] == [len(TASKS), len(TASKS)], replicas  # 16 requests, 8 each
+    assert _infer(service, _body(["task0"], _images(0, count=1))).status_code == 200  # the "/" app still serves
 
 
 def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recovers(service, engine):

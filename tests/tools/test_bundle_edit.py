@@ -1,8 +1,6 @@
 """`rmt-deploy bundle add|remove`: bundle maintenance without a re-export, all or nothing."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -16,10 +14,8 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture
-def root(onnx_bundle, tmp_path):
-    copy = tmp_path / "bundle"
-    shutil.copytree(onnx_bundle.root, copy)
-    return copy
+def root(onnx_bundle, copy_bundle, tmp_path):
+    return copy_bundle(onnx_bundle.root, tmp_path)
 
 
 def _snapshot(root):
