@@ -91,19 +91,12 @@ def _check_legacy_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str
 
 def _make_pool(bundle: Bundle, impl: Backend, cache_tasks: int, threads: int | None) -> TaskPool:
     """The task pool, its first buffer filled with the base values (hash-checked while read)."""
-    digest: list[str | None] = [None]
-
     def fill(arrays: dict[str, np.ndarray]) -> None:
-        digest[0] = impl.fill_base(arrays)
+        digest = impl.fill_base(arrays)
+        if impl.base_file is not None and not bundle.verified:
+            _check_legacy_base(bundle, impl.specs, arrays, digest)
 
-    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads, map_base=impl.map_base)
-    if impl.base_file is not None and not bundle.verified:
-        try:
-            _check_legacy_base(bundle, impl.specs, pool.base, digest[0])
-        except BaseException:
-            pool.close()
-            raise
-    return pool
+    return TaskPool(impl.specs, fill, cache_tasks, workers=threads)
 
 
 def _stored_zeros(pool: TaskPool, spec: TensorSpec, shape: tuple[int, ...], blob: bytes) -> ZeroSet:
