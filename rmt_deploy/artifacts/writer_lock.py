@@ -22,7 +22,16 @@ from typing import Callable, Iterator
 
 from rmt_deploy.errors import InputError
 
-WAIT_SECONDS = 30.0  # how long a second writer waits for the first
+WAIT_SECONDS = 30.0  # how long a second writer waits for the first, unless RMT_DEPLOY_LOCK_WAIT says
+WAIT_ENV = "RMT_DEPLOY_LOCK_WAIT"
+
+
+def lock_wait() -> float:
+    """Seconds a writer waits for the lock: $RMT_DEPLOY_LOCK_WAIT, else WAIT_SECONDS."""
+    try:
+        return max(0.0, float(os.environ.get(WAIT_ENV, WAIT_SECONDS)))
+    except ValueError:
+        raise InputError(f"{WAIT_ENV}={os.environ[WAIT_ENV]!r} is not a number of seconds") from None
 
 
 def _say(text: str) -> None:
@@ -30,9 +39,10 @@ def _say(text: str) -> None:
 
 
 @contextmanager
-def writer_lock(root: Path, wait: float = WAIT_SECONDS, say: Callable[[str], None] = _say) -> Iterator[None]:
-    """Hold the writers' lock of the existing directory `root` (a bundle or a repository)."""
-    fd = _locked_fd(Path(root), wait, say)
+def writer_lock(root: Path, wait: float | None = None, say: Callable[[str], None] = _say) -> Iterator[None]:
+    """Hold the writers' lock of the existing directory `root` (a bundle or a repository); wait at most
+    `wait` seconds (default: lock_wait())."""
+    fd = _locked_fd(Path(root), lock_wait() if wait is None else wait, say)
     try:
         yield
     finally:
@@ -40,7 +50,7 @@ def writer_lock(root: Path, wait: float = WAIT_SECONDS, say: Callable[[str], Non
 
 
 @contextmanager
-def lock_if_present(root: Path, wait: float = WAIT_SECONDS) -> Iterator[None]:
+def lock_if_present(root: Path, wait: float | None = None) -> Iterator[None]:
     """`writer_lock(root)` when `root` is a directory; nothing to lock (a new path) otherwise."""
     if Path(root).is_dir():
         with writer_lock(root, wait):

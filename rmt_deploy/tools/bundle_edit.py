@@ -25,7 +25,7 @@ from rmt_deploy.artifacts.bundle import FOLDED_DIR, MANIFEST, TASKS_DIR, Bundle
 from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, read_verified
 from rmt_deploy.artifacts.staging import remove_stale, usual_mode
 from rmt_deploy.artifacts.task_file import MAX_TASK_FILE_BYTES, SUFFIX
-from rmt_deploy.artifacts.writer_lock import WAIT_SECONDS, writer_lock
+from rmt_deploy.artifacts.writer_lock import writer_lock
 from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
 from rmt_deploy.runtime.task_reader import decode_zeros, read_compact
 
@@ -35,7 +35,7 @@ LEGACY_LOCK_FILE = ".lock"  # the editors' lock file before issue #24
 
 
 @contextmanager
-def _edit_lock(root: Path, wait: float = WAIT_SECONDS) -> Iterator[None]:
+def _edit_lock(root: Path, wait: float | None = None) -> Iterator[None]:
     """The bundle's writer lock; then what a killed writer left is cleaned (every writer does it)."""
     with writer_lock(root, wait):
         remove_stale(Path(root).resolve())  # stages of a killed `export --force` beside the bundle
@@ -88,7 +88,7 @@ def _stage_copy(bundle: Bundle, source: Path) -> tuple[Path, str, FileRecord]:
     return staged, task.head.name, record
 
 
-def add_tasks(root: str | os.PathLike, sources: Sequence[str | os.PathLike], wait: float = WAIT_SECONDS) -> list[str]:
+def add_tasks(root: str | os.PathLike, sources: Sequence[str | os.PathLike], wait: float | None = None) -> list[str]:
     """Copy .rmtask files into a bundle and list them in its manifest; returns the names added."""
     with _edit_lock(Path(root), wait):
         bundle = _editable(root)  # read once the lock is held: as no other writer leaves it
@@ -127,7 +127,7 @@ def _check_new_name(bundle: Bundle, name: str, earlier: list[str], source: Path)
         raise InputError(f"{source}: task {name!r} is given twice; add each task once")
 
 
-def remove_tasks(root: str | os.PathLike, names: Sequence[str], wait: float = WAIT_SECONDS) -> list[str]:
+def remove_tasks(root: str | os.PathLike, names: Sequence[str], wait: float | None = None) -> list[str]:
     """Unlist tasks from a bundle's manifest, then delete their files (task packs and folded models)."""
     with _edit_lock(Path(root), wait):
         bundle = _editable(root)
