@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from rmt_deploy.artifacts.integrity import check_regular_file
 from rmt_deploy.errors import InputError
 from rmt_deploy.training.datasets import (
     COOP_DATASETS,
@@ -29,6 +30,7 @@ from rmt_deploy.training.datasets import (
     clean_class_name,
     images_in,
     read_classnames,
+    read_list_file,
 )
 from rmt_deploy.training.variants import read_variant
 
@@ -146,22 +148,25 @@ def _by_label(samples: Sequence[Sample]) -> dict[int, list[Sample]]:
 
 def _check_files(data: FewShotData) -> None:
     used = data.train + data.val + data.test
-    missing = [str(p) for p, _ in used if not p.is_file()]
+    missing = [str(p) for p, _ in used if not p.exists()]
     if missing:
         raise InputError(
             f"{len(missing)} image(s) listed in the {data.name} split are missing, e.g. {missing[0]!r}: "
             "check --data-root and that the dataset is fully extracted"
         )
+    for path, _ in used:
+        if not path.is_file():  # a directory or a FIFO named like an image: one line naming it
+            check_regular_file(path, None, "image", InputError)
     if not data.test:
         raise InputError(f"dataset {data.name} has no test images")
 
 
 def _load_json(path: Path) -> Any:
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"split file {str(path)!r} not found: download it with the dataset (CoOp layout)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(read_list_file(path, "split (JSON)"))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"split file {str(path)!r} is not valid JSON ({exc})") from None
 
 
@@ -200,17 +205,18 @@ def _contiguous(names: dict[int, str], source: Path) -> list[str]:
 def _read_aircraft(spec: CoopDataset, folder: Path) -> FewShotData:
     """FGVC-Aircraft's own lists: variants.txt and images_variant_{train,val,test}.txt."""
     variants_file = folder / spec.split_file
-    if not variants_file.is_file():
+    if not variants_file.exists():
         raise InputError(f"split file {str(variants_file)!r} not found: download FGVC-Aircraft's data folder")
-    variants = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    variants = [line.strip() for line in read_list_file(variants_file, "variant list (.txt)").splitlines()
+                if line.strip()]
     index = {v: i for i, v in enumerate(variants)}
     parts = {}
     for part in ("train", "val", "test"):
         path = folder / f"images_variant_{part}.txt"
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"split file {str(path)!r} not found: download FGVC-Aircraft's data folder")
         samples = []
-        for line in path.read_text().splitlines():
+        for line in read_list_file(path, "split list (.txt)").splitlines():
             if not line.strip():
                 continue
             image, _, variant = line.strip().partition(" ")

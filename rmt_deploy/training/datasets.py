@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmt_deploy.artifacts.integrity import read_regular_file
 from rmt_deploy.errors import InputError
 
+MAX_LIST_FILE_BYTES = 256 << 20  # a split, class-name or variant list (CoOp's largest, SUN397's, is ~10 MB)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -81,14 +83,23 @@ def clean_class_name(name: str, renames: dict[str, str] | None = None) -> str:
 
 def read_classnames(path: Path) -> dict[str, str]:
     """CoOp's ImageNet classnames.txt: one '<wnid> <class name>' per line, in file order."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"class name file {str(path)!r} not found: copy CoOp's imagenet/classnames.txt there")
     names = {}
-    for line in path.read_text().splitlines():
+    for line in read_list_file(path, "class name list (.txt)").splitlines():
         wnid, _, cname = line.strip().partition(" ")
         if wnid:
             names[wnid] = cname.strip()
     return names
+
+
+def read_list_file(path: Path, what: str) -> str:
+    """A dataset's text file (split, class names, variants), checked to be a regular file of bounded size."""
+    data = read_regular_file(path, MAX_LIST_FILE_BYTES, what, InputError)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a {what} file") from None
 
 
 def images_in(folder: Path) -> list[Path]:
