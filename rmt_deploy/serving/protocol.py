@@ -19,15 +19,15 @@ read and write the KServe v2 JSON body for HTTP ingresses that are not Triton.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from rmt_deploy.errors import InputError, UnknownTaskError
+from rmt_deploy.runtime import image_decode
 
 __all__ = [
     "TASK", "IMAGE", "IMAGE_BYTES", "LABELS", "PROBS", "INDEX", "EMBEDDING", "INPUTS", "OUTPUTS",
@@ -171,27 +171,17 @@ def _raw_images(array: Any, count: int, limits: ImageLimits) -> list[np.ndarray]
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """An encoded JPEG / PNG / WebP / BMP file -> a loaded RGB PIL image; its pixel count is checked
-    from the header before any pixel is decoded."""
+    """An encoded JPEG / PNG / WebP / BMP file -> a loaded RGB PIL image, through the decoder every path
+    shares (runtime.image_decode); its pixel count is checked from the header before any pixel is decoded."""
     if not data:
         raise RequestError("input 'image_bytes' is empty: send the encoded image file")
     if len(data) > limits.max_encoded_bytes:
         raise RequestError(f"input 'image_bytes' is {len(data):,} bytes, more than the server's limit of "
                            f"{limits.max_encoded_bytes:,}")
-    try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            width, height = image.size
-            _check_size(height, width, "input 'image_bytes'", limits)
-            image.load()
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise RequestError(f"input 'image_bytes' ({len(data):,} bytes) is not a {', '.join(IMAGE_FORMATS)} file") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own bound, checked while opening
-        raise RequestError(f"input 'image_bytes' declares more pixels than the server's limit of "
-                           f"{limits.max_pixels:,} ({str(exc).split(' exceeds')[0]}): send a smaller image") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"input 'image_bytes' cannot be decoded as {', '.join(IMAGE_FORMATS)}: "
-                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    return image_decode.decode_image(
+        data, f"input 'image_bytes' ({len(data):,} bytes)",
+        lambda width, height: _check_size(height, width, "input 'image_bytes'", limits),
+        formats=IMAGE_FORMATS, error=RequestError)
 
 
 def group_by_task(samples: Sequence[Sample]) -> dict[str, list[int]]:
