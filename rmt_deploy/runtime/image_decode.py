@@ -10,8 +10,9 @@ alpha is dropped, as Image.convert("RGB") does.
 Cost: a file is checked to be a regular file of at most `max_file_bytes`, and its header's size
 against `max_pixels` / `max_side` before any pixel is decoded. Decoding then holds at most
 DECODE_BYTES_PER_PIXEL bytes per decoded pixel (Pillow keeps RGB and RGBA as 4 bytes a pixel:
-the decoded image and its RGB copy) besides the encoded bytes; the transform (preprocess) adds
-only its output's size (tests/runtime/test_image_memory.py measures it).
+the decoded image, its RGB copy, and for 16-bit or 32-bit grey an 8-bit step) besides the encoded
+bytes; the transform (preprocess) adds at most 4 bytes x crop width x source height and its
+output (tests/runtime/test_image_memory.py measures both with peak RSS).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from rmt_deploy.errors import InputError, RmtError
 
 __all__ = ["DecodeLimits", "DECODE_BYTES_PER_PIXEL", "decode_image", "load_image", "to_rgb"]
 
-DECODE_BYTES_PER_PIXEL = 8  # the decoded image (<= 4 B/px in Pillow) + its RGB copy (4 B/px)
+DECODE_BYTES_PER_PIXEL = 10  # the decoded image (<= 4 B/px in Pillow) + its RGB copy (4 B/px) + a grey step
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -38,7 +39,7 @@ class DecodeLimits:
     """Bounds on one image file: its size on disk, its decoded pixels and its longest side."""
 
     max_file_bytes: int = 256 << 20
-    max_pixels: int = 8192 * 8192  # 64 M pixels: at most 512 MiB while decoding (8 B/px)
+    max_pixels: int = 8192 * 8192  # 64 M pixels: at most 640 MiB while decoding (10 B/px)
     max_side: int = 65536
 
     def check(self, width: int, height: int, what: str) -> None:
@@ -86,7 +87,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in _SIXTEEN_BIT:
-        grey = np.array(image)
-        grey >>= 8  # the high byte: 0..65535 -> 0..255, in place (at most 8 bytes a pixel in all)
-        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+        grey = (np.asarray(image) >> 8).astype(np.uint8)  # the high byte: 0..65535 -> 0..255
+        return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")
