@@ -63,9 +63,11 @@ def load_image(path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -
 
 def decode_image(source: bytes | io.RawIOBase | io.BufferedIOBase, what: str,
                  check_size: Callable[[int, int], None], formats: Sequence[str] | None = None,
-                 error: type[RmtError] = InputError) -> Image.Image:
+                 error: type[RmtError] = InputError,
+                 on_bomb: Callable[[str], RmtError] | None = None) -> Image.Image:
     """Encoded image bytes (or an open file) -> a loaded RGB PIL image. `check_size(width, height)`
-    sees the header's size before any pixel is decoded; `formats` restricts Pillow's decoders."""
+    sees the header's size before any pixel is decoded; `formats` restricts Pillow's decoders;
+    `on_bomb(detail)` builds the error for a header past Pillow's own bound (checked while opening)."""
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         with Image.open(stream, formats=formats) as image:
@@ -76,8 +78,10 @@ def decode_image(source: bytes | io.RawIOBase | io.BufferedIOBase, what: str,
         kinds = f"a {', '.join(formats)} file" if formats else "an image file Pillow can read"
         raise error(f"cannot read {what}: it is not {kinds}") from None
     except Image.DecompressionBombError as exc:  # Pillow's own bound, checked while opening
-        raise error(f"cannot read {what}: it declares too many pixels ({str(exc).split(' exceeds')[0]}): "
-                    "send a smaller image") from None
+        detail = str(exc).split(" exceeds")[0]
+        if on_bomb is not None:
+            raise on_bomb(detail) from None
+        raise error(f"cannot read {what}: it declares too many pixels ({detail}): send a smaller image") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise error(f"cannot read {what}: it cannot be decoded ({type(exc).__name__}: {str(exc)[:200]})") from None
 

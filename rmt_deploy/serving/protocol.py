@@ -181,7 +181,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     return image_decode.decode_image(
         data, f"input 'image_bytes' ({len(data):,} bytes)",
         lambda width, height: _check_size(height, width, "input 'image_bytes'", limits),
-        formats=IMAGE_FORMATS, error=RequestError)
+        formats=IMAGE_FORMATS, error=RequestError,
+        on_bomb=lambda detail: RequestError(f"input 'image_bytes' declares more pixels than the server's limit of "
+                                            f"{limits.max_pixels:,} ({detail}): send a smaller image"))
 
 
 def group_by_task(samples: Sequence[Sample]) -> dict[str, list[int]]:
