@@ -23,11 +23,13 @@ from rmt_deploy.artifacts.integrity import check_regular_file
 from rmt_deploy.errors import InputError
 from rmt_deploy.training.datasets import (
     COOP_DATASETS,
+    IMAGE_SUFFIXES,
     CoopDataset,
     FewShotData,
     Sample,
     class_folders,
     clean_class_name,
+    distinct_class_names,
     images_in,
     read_classnames,
     read_list_file,
@@ -88,11 +90,32 @@ def build_dataset(name: str, root: str | Path, shots: int, seed: int, subsample:
             )
         reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_aircraft}.get(key, _read_split_json)
         data = reader(spec, folder)
+        _warn_repeated_names(data)
     train, val = sample_few_shot(data.train, data.val, shots, seed, data)
     data.train, data.val = train, val
     data = subsample_classes(data, subsample)
     _check_files(data)
     return data
+
+
+def check_training_classes(data: FewShotData) -> None:
+    """Before training: every class has training images (InputError naming one that has none)."""
+    empty = sorted(set(range(len(data.class_names))) - {label for _, label in data.train})
+    if empty:
+        raise InputError(f"{len(empty)} class(es) of {data.name} have no training images, e.g. "
+                         f"{data.class_names[empty[0]]!r} (label {empty[0]}): add images for it to the train split, "
+                         "or drop the class")
+
+
+def _warn_repeated_names(data: FewShotData) -> None:
+    """CoOp's own class lists repeat names (ImageNet: 'crane' the bird and the machine): a warning, not an error,
+    so the paper's protocol runs as published."""
+    first: dict[str, int] = {}
+    for label, name in enumerate(data.class_names):
+        if name in first:
+            warnings.warn(f"{data.name}: labels {first[name]} and {label} share the class name {name!r}; their "
+                          "prompts are the same (as in CoOp's lists)", stacklevel=3)
+        first.setdefault(name, label)
 
 
 def subsample_classes(data: FewShotData, which: str) -> FewShotData:
@@ -253,7 +276,8 @@ def _read_imagefolder(root: Path) -> FewShotData:
     """Class folders under root, or train/ [val/] test/ folders of class folders."""
     name = task_name_from(root.name)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        classes = [p.name for p in class_folders(root / "train")]
+        folders = class_folders(root / "train")
+        classes = [p.name for p in folders]
         parts = {}
         for part in ("train", "val", "test"):
             split_dir = root / part
@@ -268,8 +292,14 @@ def _read_imagefolder(root: Path) -> FewShotData:
                 for img in images_in(split_dir / c)
             ]
         train, val, test = parts["train"], parts["val"], parts["test"]
+        empty = sorted(set(range(len(classes))) - {label for _, label in train})
+        if empty:
+            raise InputError(f"class folder {str(folders[empty[0]])!r} has no images "
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))}): every class needs training images "
+                             f"({len(empty)} class(es) have none)")
     else:
-        classes = [p.name for p in class_folders(root)]
+        folders = class_folders(root)
+        classes = [p.name for p in folders]
         if len(classes) < 2:
             raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
         train, val, test = [], [], []
@@ -290,8 +320,7 @@ def _read_imagefolder(root: Path) -> FewShotData:
             test += [(p, label) for p in images[n_train + n_val:]]
     if len(classes) < 2:
         raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
-    names = [clean_class_name(c) for c in classes]
-    return FewShotData(name, names, IMAGEFOLDER_TEMPLATE, train, val, test)
+    return FewShotData(name, distinct_class_names(folders), IMAGEFOLDER_TEMPLATE, train, val, test)
 
 
 def task_name_from(text: str) -> str:

@@ -3,6 +3,7 @@ the class-folder and class-name readers every dataset reader builds on (training
 11 datasets and image folders, training.variants for ImageNet's test-only variants)."""
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,34 @@ class FewShotData:
 def clean_class_name(name: str, renames: dict[str, str] | None = None) -> str:
     """CoOp clean-up: lower case, '_' as a space (after a dataset's own renames, e.g. EuroSAT's)."""
     return (renames or {}).get(name, name).replace("_", " ").lower().strip()
+
+
+def check_template(template: str) -> str:
+    """A prompt template: exactly one '{}' (the class name), no other format field ('{{' / '}}' for braces)."""
+    fix = "write one '{}' where the class name goes, e.g. 'a photo of a {}.' ('{{' and '}}' for literal braces)"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise InputError(f"prompt template {template!r} is not a format string ({exc}): {fix}") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        found = ", ".join("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                          for name, spec, conv in fields) or "none"
+        raise InputError(f"prompt template {template!r} needs exactly one '{{}}' for the class name "
+                         f"(found: {found}): {fix}")
+    return template
+
+
+def distinct_class_names(folders: list[Path]) -> list[str]:
+    """Cleaned class names of class folders; InputError naming both folders when two clean to one name."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        name = clean_class_name(folder.name)
+        if name in seen:
+            raise InputError(f"class folders {str(seen[name])!r} and {str(folder)!r} both become class {name!r} "
+                             "(names are lower-cased, '_' read as a space): rename or merge one of them")
+        seen[name] = folder
+    return list(seen)
 
 
 def read_classnames(path: Path) -> dict[str, str]:

@@ -31,7 +31,7 @@ from rmt_deploy.errors import InputError
 from rmt_deploy.training import cache as tip
 from rmt_deploy.training import checkpoint
 from rmt_deploy.training.config import ADDED_DEFAULTS, CONFIG_VERSION, TrainConfig  # noqa: F401  (public here too)
-from rmt_deploy.training.data import build_dataset, resolve_dataset, task_name_from
+from rmt_deploy.training.data import build_dataset, check_training_classes, resolve_dataset, task_name_from
 from rmt_deploy.training.distributed import DistContext, init_distributed
 from rmt_deploy.training.evaluation import class_head, count_correct, make_loader, sharded
 from rmt_deploy.training.loading import SeededSampler, batches, eval_transform, train_transform
@@ -127,6 +127,7 @@ class _Run:
         if not self.data.train:
             raise InputError(f"dataset {self.data.name} has no training images (a test-only dataset): train on "
                              "its source dataset, e.g. imagenet, and evaluate on it with rmt-deploy eval")
+        check_training_classes(self.data)
         self.task = cfg.task or task_name_from(self.data.name)
         check_precision(cfg.precision, dist.device)
         if base is None:
