@@ -108,13 +108,13 @@ def check_training_classes(data: FewShotData) -> None:
 
 
 def _warn_repeated_names(data: FewShotData) -> None:
-    """CoOp's own class lists repeat names (ImageNet: 'crane' the bird and the machine): a warning, not an error,
-    so the paper's protocol runs as published."""
+    """A CoOp dataset's own class list may repeat a name (ImageNet's WordNet names: 'crane' the bird and the
+    machine): a warning, not an error, so a published split runs as is."""
     first: dict[str, int] = {}
     for label, name in enumerate(data.class_names):
         if name in first:
             warnings.warn(f"{data.name}: labels {first[name]} and {label} share the class name {name!r}; their "
-                          "prompts are the same (as in CoOp's lists)", stacklevel=3)
+                          "prompts are the same (as the dataset's class list says)", stacklevel=3)
         first.setdefault(name, label)
 
 

@@ -170,7 +170,7 @@ def test_the_trainer_refuses_a_split_whose_class_has_no_training_images(tmp_path
 
 
 def test_repeated_names_in_a_coop_list_are_a_warning_not_an_error():
-    """The paper's protocol: CoOp's ImageNet list names two classes 'crane' (and two 'maillot')."""
+    """A published class list may repeat a name (ImageNet's WordNet names: two 'crane's, two 'maillot's)."""
     from rmt_deploy.training.data import _warn_repeated_names
 
     data = FewShotData("imagenet", ["crane", "goose", "crane"], "a photo of a {}.", [], [], [])
@@ -178,4 +178,4 @@ def test_repeated_names_in_a_coop_list_are_a_warning_not_an_error():
         warnings.simplefilter("always")
         _warn_repeated_names(data)
     assert [str(w.message) for w in caught] == [
-        "imagenet: labels 0 and 2 share the class name 'crane'; their prompts are the same (as in CoOp's lists)"]
+        "imagenet: labels 0 and 2 share the class name 'crane'; their prompts are the same (as the dataset's class list says)"]
