@@ -16,11 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rmt_deploy.artifacts.integrity import check_regular_file
 from rmt_deploy.errors import InputError, require
 
 OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 QUICK_GELU_META = "rmt_deploy.quick_gelu"  # safetensors metadata key written by save_checkpoint
 QUICK_GELU_ENTRY = "quick_gelu"  # .pt: {"state_dict": ..., "quick_gelu": bool}
+MAX_CHECKPOINT_BYTES = 128 << 30  # the largest open_clip towers hold ~5 B parameters (20 GB in fp32)
+CHECKPOINT = "checkpoint (.pt, .bin, .safetensors)"
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """`path` if it is a regular file of a checkpoint's size; InputError naming it (a directory, a FIFO...)."""
+    check_regular_file(path, MAX_CHECKPOINT_BYTES, CHECKPOINT, InputError)
+    return Path(path)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,12 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from rmt_deploy.artifacts.fingerprint import fingerprint_arrays
-from rmt_deploy.basemodel.checkpoint_files import inspect_checkpoint, read_openai_state_dict, save_weights
+from rmt_deploy.basemodel.checkpoint_files import (
+    check_checkpoint_file,
+    inspect_checkpoint,
+    read_openai_state_dict,
+    save_weights,
+)
 from rmt_deploy.errors import InputError, InternalError, require
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -61,9 +66,7 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> tuple[str, s
         return None
     path = Path(pretrained).expanduser()
     if path.exists():
-        if not path.is_file():
-            raise InputError(f"pretrained path {pretrained!r} is not a file: pass a checkpoint file")
-        return "file", str(path)
+        return "file", str(check_checkpoint_file(path))
     open_clip = _open_clip()
     if pretrained in open_clip.list_pretrained_tags_by_model(model_name):
         return "tag", pretrained

@@ -326,7 +326,7 @@ class Engine:
     def predict(self, images: Any, task: str | None = None) -> Prediction:
         """Classify images with one task (default: the current one), atomically.
 
-        `images`: paths, PIL images, uint8 HWC arrays (one or a list), or a float32 NCHW
+        `images`: paths, encoded bytes, PIL images, uint8 HWC arrays (one or a list), or a float32 NCHW
         batch already preprocessed. Batches larger than the bundle's max batch are split.
         """
         self._check_open()
@@ -334,6 +334,7 @@ class Engine:
         batch = to_batch(images, self._transform)
         embeddings = self.embed(batch, head.name)
         logits = self._head_math(head).logits(embeddings)
+        _check_finite(logits, embeddings, head.name, isinstance(images, np.ndarray) and images.dtype != np.uint8)
         probs = _softmax(logits.copy())
         indices = logits.argmax(axis=1)
         labels = [head.class_names[i] for i in indices]
@@ -384,3 +385,16 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"task={self._task!r}, tasks={len(self._store)}"
         return f"Engine({self._bundle.root}, backend={self.backend!r}, {state})"
+
+
+def _check_finite(logits: np.ndarray, embeddings: np.ndarray, task: str, preprocessed: bool) -> None:
+    """A NaN or Inf answer is never returned: InputError for a caller's preprocessed batch, else ArtifactError."""
+    bad = ~(np.isfinite(logits).all(axis=1) & np.isfinite(embeddings).all(axis=1))
+    if not bad.any():
+        return
+    rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:8])
+    if preprocessed:
+        raise InputError(f"task {task!r}: the preprocessed batch gives non-finite logits for image(s) {rows}: "
+                         "check its values (pass uint8 images to have them preprocessed)")
+    raise ArtifactError(f"task {task!r}: non-finite logits for image(s) {rows}: the task or base weights are "
+                        f"damaged, or the backend overflows; {REBUILD}")
