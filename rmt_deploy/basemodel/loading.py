@@ -273,6 +273,18 @@ def fingerprint(model_name: str, tensors: dict[str, Any]) -> str:
     return fingerprint_arrays(model_name, {n: tensor_to_numpy(t) for n, t in tensors.items()})
 
 
+def embed_dim(model: Any) -> int:
+    """The image embedding's width: open_clip towers record it; a timm tower's is read off one forward."""
+    dim = getattr(model.visual, "output_dim", None)
+    if isinstance(dim, int):
+        return dim
+    torch = require("torch", "train")
+    size = preprocess_config(model)["image_size"]
+    param = next(model.visual.parameters())
+    with torch.no_grad():
+        return int(model.visual(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)).shape[-1])
+
+
 def preprocess_config(model: Any) -> dict[str, Any]:
     """open_clip's eval preprocessing settings for this model, JSON-able."""
     open_clip = _open_clip()
