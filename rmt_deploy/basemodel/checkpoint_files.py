@@ -72,6 +72,25 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo()
 
 
+def checkpoint_names(path: str | Path) -> list[str]:
+    """The tensor names a checkpoint holds (prefix "module." dropped); [] for a file that cannot be read so."""
+    path = Path(path)
+    if is_torchscript(path):
+        return []
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as handle:
+                return [_strip(k) for k in handle.keys()]
+        torch = require("torch", "train")
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  a damaged or foreign file: open_clip's loader names the problem
+        return []
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+    return [_strip(k) for k in state] if isinstance(state, dict) else []
+
+
 def _inspect_safetensors(path: Path) -> CheckpointInfo:
     from safetensors import safe_open
 

@@ -77,7 +77,9 @@ def _groups(value: str) -> tuple[str, ...]:
 @click.option("--no-gdr", is_flag=True, help="Plain mask tuning: no teacher, no gradient dropout.")
 @click.option("--temperature", default=_DEFAULTS["temperature"], show_default=True,
               type=click.FloatRange(0, 1e3, min_open=True), help="Teacher temperature.")
-@click.option("--mask-groups", default="attn", show_default=True, help="Comma-separated: attn, mlp, conv1.")
+@click.option("--mask-groups", default="attn", show_default=True,
+              help="Comma-separated: attn, mlp, conv (every other convolution), conv1 (the first one); "
+                   "see docs/families.md.")
 @click.option("--subsample", default="all", show_default=True,
               help="Classes to train on: all, or base (the first half, for base-to-new generalisation).")
 @click.option("--head", default="zeroshot", show_default=True,

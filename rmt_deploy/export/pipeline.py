@@ -90,12 +90,13 @@ def _export(config: ExportConfig, started: float, progress: bool) -> ExportRepor
 
 
 def _load_base(config: ExportConfig, packs: list[TaskPack]) -> _Base:
+    from rmt_deploy.basemodel.loading import embed_dim as image_embed_dim
     from rmt_deploy.basemodel.loading import fingerprint, load_base, preprocess_config
 
     loaded = load_base(config.model_name, config.pretrained)
     params = _masked_params(loaded.model, packs, config.model_name)
     base_fp = fingerprint(config.model_name, params)
-    embed_dim = int(loaded.model.visual.output_dim)
+    embed_dim = image_embed_dim(loaded.model)
     _check_packs(packs, base_fp, params, embed_dim)
     _check_activation(packs, loaded.quick_gelu)
     dtype = np.float16 if config.fp16 else np.float32

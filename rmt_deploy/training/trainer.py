@@ -27,6 +27,7 @@ from rmt_deploy.artifacts import heads
 from rmt_deploy.artifacts.staging import write_atomic
 from rmt_deploy.artifacts.task_file import SUFFIX, TaskPack
 from rmt_deploy.basemodel.loading import BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
+from rmt_deploy.basemodel.mask_groups import check_share
 from rmt_deploy.errors import InputError
 from rmt_deploy.training import cache as tip
 from rmt_deploy.training import checkpoint
@@ -136,7 +137,8 @@ class _Run:
             raise InputError(f"base model {base.model_name!r} does not match --model {cfg.model!r}")
         base.model.to(dist.device).eval()
         self.base = base
-        tensors = maskable_tensors(base.model, cfg.mask_groups)
+        check_share(base.model, cfg.mask_groups, cfg.model)  # refuse groups too small to change the tower
+        tensors = maskable_tensors(base.model, cfg.mask_groups, cfg.model)
         self.fingerprint = fingerprint(cfg.model, tensors)
         self.template = cfg.template or self.data.template
         head = class_head(base, self.data.class_names, self.template, dist.device)
