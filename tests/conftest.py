@@ -189,3 +189,32 @@ def onnx_bundle(make_bundle):
 def bundle_dir(make_bundle) -> Path:
     """A verified fp32 bundle with base.onnx and folded models for alpha and beta (task_files' packs)."""
     return make_bundle(TASK_SPECS.two, mode="both")
+
+
+@pytest.fixture(scope="session")
+def other_bundle(tmp_path_factory) -> Path:
+    """Another bundle (shared + folded) on a different random tiny base, with tasks of the same names as
+    the test bundles (alpha, beta, gamma, delta): its files replace theirs in the live-file tests."""
+    torch = pytest.importorskip("torch")
+    export = pytest.importorskip("rmt_deploy.export")
+    from rmt_deploy.artifacts.task_file import TaskPack
+    from rmt_deploy.basemodel.loading import fingerprint, load_base, maskable_tensors, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("other_base")
+    torch.manual_seed(1)
+    base = load_base(TINY_MODEL, None)
+    checkpoint = save_checkpoint(base.model, folder / "other.safetensors")
+    tensors = maskable_tensors(base.model)
+    paths = []
+    for seed, name in enumerate(("alpha", "beta", "gamma", "delta")):
+        rng = np.random.default_rng(100 + seed)
+        head = rng.standard_normal((3, base.model.visual.output_dim)).astype(np.float32)
+        pack = TaskPack(name=name, class_names=["x", "y", "z"], head=head / np.linalg.norm(head, axis=1, keepdims=True),
+                        masks={n: rng.random(tuple(t.shape)) >= 0.2 for n, t in tensors.items()},
+                        base_fingerprint=fingerprint(TINY_MODEL, tensors), model_name=TINY_MODEL, logit_scale=100.0,
+                        template="a photo of a {}.")
+        paths.append(pack.save(folder / f"{name}.rmtask"))
+    out = folder / "bundle"
+    export.export_bundle(export.ExportConfig(TINY_MODEL, str(checkpoint), task_paths=paths, out=out, target="onnx",
+                                             mode="both", max_batch=4), progress=False)
+    return out

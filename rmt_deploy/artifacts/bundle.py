@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, confine, file_sha256
+from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, confine, file_sha256, read_regular_file
 from rmt_deploy.artifacts.manifest import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -61,12 +61,10 @@ class Bundle:
         path = root / MANIFEST
         if not root.is_dir():
             raise ArtifactError(f"{root}: no such bundle directory (create one with `rmt-deploy export`)")
-        if not path.is_file():
+        if not path.exists():
             raise ArtifactError(f"{root}: not a bundle (no {MANIFEST}); create one with `rmt-deploy export`")
         try:
-            if path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise ArtifactError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; not a manifest")
-            data = json.loads(path.read_bytes())
+            data = json.loads(read_regular_file(path, MAX_MANIFEST_BYTES, "manifest (JSON)"))
         except (ValueError, RecursionError) as exc:
             raise ArtifactError(f"{path}: not valid JSON ({type(exc).__name__}); {REBUILD}") from None
         except OSError as exc:

@@ -5,18 +5,22 @@ A bundle is copied between machines, so every path its manifest names is untrust
 recorded size and sha256 are checked by whoever reads it, while reading it
 (`read_verified`, `Sha256Reader`), or on a helper thread while a library maps the file
 itself (`BackgroundHash`), so no file is read twice on the load path.
+Every file rmt-deploy reads (task files, checkpoints, images, dataset files) is first checked to be
+a regular file of bounded size (`check_regular_file`, or `open_regular_file` where we read it
+ourselves): a FIFO, a device such as /dev/zero or a directory is one error naming the path and what it is.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
-from rmt_deploy.errors import ArtifactError
+from rmt_deploy.errors import ArtifactError, RmtError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 22
@@ -54,6 +58,79 @@ class FileRecord:
                                 f"{self.sha256[:12]}...: the file is damaged or replaced; {REBUILD}")
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _file_kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _check_stat(path: Path, info: os.stat_result, max_bytes: int | None, what: str | None,
+                error: type[RmtError]) -> int:
+    if not stat.S_ISREG(info.st_mode):
+        expected = f"; pass {_a_file(what)}" if what else ""
+        raise error(f"{path}: is {_file_kind(info.st_mode)}, not a regular file{expected}")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise error(f"{path}: {info.st_size:,} bytes is more than the {max_bytes:,} {_a_file(what)} may hold")
+    return info.st_size
+
+
+def _a_file(what: str | None) -> str:
+    if not what:
+        return "a file of its kind"
+    return f"{'an' if what[0].lower() in 'aeiou' else 'a'} {what} file"
+
+
+def check_regular_file(path: str | os.PathLike, max_bytes: int | None, what: str | None,
+                       error: type[RmtError] = ArtifactError) -> int:
+    """The size of `path` if it is a regular file of at most `max_bytes` (None: any size); otherwise
+    `error` naming the path and what it is (missing, a directory, a FIFO, a device, too large)."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file" + (f"; pass {_a_file(what)}" if what else "")) from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror})") from None
+    return _check_stat(path, info, max_bytes, what, error)
+
+
+def open_regular_file(path: str | os.PathLike, max_bytes: int | None, what: str | None,
+                      error: type[RmtError] = ArtifactError) -> BinaryIO:
+    """`path` opened for reading (unbuffered) after checking, on the open file, that it is a regular file
+    of at most `max_bytes`: opened non-blocking, so a FIFO swapped in after a check cannot hang us."""
+    path = Path(path)
+    check_regular_file(path, max_bytes, what, error)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror})") from None
+    try:
+        _check_stat(path, os.fstat(fd), max_bytes, what, error)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str | None,
+                      error: type[RmtError] = ArtifactError) -> bytes:
+    """A whole regular file's bytes, at most `max_bytes` (also if it grows while read)."""
+    with open_regular_file(path, max_bytes, what, error) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        parts = [handle.read(size + 1)]  # one read(2) returns at most ~2 GiB: go on until the end
+        while parts[-1] and (total := sum(map(len, parts))) <= max_bytes:
+            parts.append(handle.read(max_bytes + 1 - total))
+    parts = [part for part in parts if part]
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(data) > max_bytes:
+        raise error(f"{path}: more than the {max_bytes:,} bytes {_a_file(what)} may hold (it grew while read)")
+    return data
+
+
 def relative_path(value: Any, where: str) -> str:
     """A manifest path, checked for form: a non-empty relative POSIX path with no '..' or odd parts."""
     if not isinstance(value, str) or not value or len(value) > 1024 or "\x00" in value or "\\" in value:
@@ -83,13 +160,10 @@ def file_sha256(path: str | os.PathLike) -> str:
         return reader.hexdigest()
 
 
-def read_verified(path: Path, record: FileRecord | None, limit: int) -> bytes:
+def read_verified(path: Path, record: FileRecord | None, limit: int, what: str | None = None) -> bytes:
     """A whole (small) file's bytes, checked against its record while read; at most `limit` bytes."""
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise ArtifactError(f"{path}: {size} bytes is larger than any valid file of its kind ({limit})")
-        data = path.read_bytes()
+        data = read_regular_file(path, limit, what)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read it ({exc.strerror})") from None
     if record is not None:
@@ -102,10 +176,7 @@ class Sha256Reader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            self._handle = open(self.path, "rb", buffering=0)
-        except OSError as exc:
-            raise ArtifactError(f"{self.path}: cannot read it ({exc.strerror})") from None
+        self._handle = open_regular_file(self.path, None, None)
         self._digest = hashlib.sha256()
         self.position = 0
 

@@ -220,9 +220,9 @@ def read_encoded(path: str | os.PathLike, record: FileRecord | None = None,
     container, checksum, format, metadata types, tensor set and head; masks left encoded.
     `expected_name`: the name a bundle lists the file under, which the task's own name must equal."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"{path}: no such task file")
-    data = read_verified(path, record, MAX_TASK_FILE_BYTES)
+    data = read_verified(path, record, MAX_TASK_FILE_BYTES, "task (.rmtask)")
     meta, tensors = _read_container(path, data)
     version = meta.get("version")
     readable = type(version) is int and version in VERSIONS

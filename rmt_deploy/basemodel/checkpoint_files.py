@@ -16,11 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rmt_deploy.artifacts.integrity import check_regular_file
 from rmt_deploy.errors import InputError, require
 
 OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 QUICK_GELU_META = "rmt_deploy.quick_gelu"  # safetensors metadata key written by save_checkpoint
 QUICK_GELU_ENTRY = "quick_gelu"  # .pt: {"state_dict": ..., "quick_gelu": bool}
+MAX_CHECKPOINT_BYTES = 128 << 30  # the largest open_clip towers hold ~5 B parameters (20 GB in fp32)
+CHECKPOINT = "checkpoint (.pt, .bin, .safetensors)"
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """`path` if it is a regular file of a checkpoint's size; InputError naming it (a directory, a FIFO...)."""
+    check_regular_file(path, MAX_CHECKPOINT_BYTES, CHECKPOINT, InputError)
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,25 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     if isinstance(state, dict) and any(_strip(k) in OPENAI_KEYS for k in state):
         return CheckpointInfo(openai=True, quick_gelu=True)
     return CheckpointInfo()
+
+
+def checkpoint_names(path: str | Path) -> list[str]:
+    """The tensor names a checkpoint holds (prefix "module." dropped); [] for a file that cannot be read so."""
+    path = Path(path)
+    if is_torchscript(path):
+        return []
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as handle:
+                return [_strip(k) for k in handle.keys()]
+        torch = require("torch", "train")
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  a damaged or foreign file: open_clip's loader names the problem
+        return []
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+    return [_strip(k) for k in state] if isinstance(state, dict) else []
 
 
 def _inspect_safetensors(path: Path) -> CheckpointInfo:

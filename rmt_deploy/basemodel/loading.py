@@ -14,16 +14,20 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from rmt_deploy.artifacts.fingerprint import fingerprint_arrays
-from rmt_deploy.basemodel.checkpoint_files import inspect_checkpoint, read_openai_state_dict, save_weights
+from rmt_deploy.basemodel.checkpoint_files import (
+    check_checkpoint_file,
+    checkpoint_names,
+    inspect_checkpoint,
+    read_openai_state_dict,
+    save_weights,
+)
+from rmt_deploy.basemodel.mask_groups import MASK_GROUPS, select  # noqa: F401  (MASK_GROUPS public here too)
 from rmt_deploy.errors import InputError, InternalError, require
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-MASK_GROUPS = ("attn", "mlp", "conv1")
-_GROUP_SUFFIXES = {
-    "attn": ("attn.in_proj_weight", "attn.out_proj.weight"),
-    "mlp": ("mlp.c_fc.weight", "mlp.c_proj.weight"),
-}
+CONFIG_PREPROCESS = CONFIG_DIR / "preprocess.json"  # eval preprocessing of our configs (not a model config)
 _registered = False
+_FUSED = "_rmt_reparameterized"
 _TAG_PREPROCESS = ("mean", "std", "interpolation", "resize_mode")
 
 
@@ -45,6 +49,9 @@ def _open_clip():
     require("torch", "train")
     open_clip = require("open_clip", "train")
     if not _registered:
+        from rmt_deploy.basemodel.timm_towers import register_tiny_towers
+
+        register_tiny_towers()
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
     return open_clip
@@ -61,9 +68,7 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> tuple[str, s
         return None
     path = Path(pretrained).expanduser()
     if path.exists():
-        if not path.is_file():
-            raise InputError(f"pretrained path {pretrained!r} is not a file: pass a checkpoint file")
-        return "file", str(path)
+        return "file", str(check_checkpoint_file(path))
     open_clip = _open_clip()
     if pretrained in open_clip.list_pretrained_tags_by_model(model_name):
         return "tag", pretrained
@@ -103,9 +108,9 @@ def resolve_weights(model_name: str, pretrained: str | None) -> Weights:
     """The weights file and the activation for (model name, tag | checkpoint path | None)."""
     source = _resolve_pretrained(model_name, pretrained)
     if source is None:
-        return Weights(None, config_quick_gelu(model_name))
+        return Weights(None, config_quick_gelu(model_name), preprocess=config_preprocess(model_name))
     kind, value = source
-    preprocess: dict[str, Any] = {}
+    preprocess = config_preprocess(model_name)
     if kind == "tag":
         cfg = _open_clip().get_pretrained_cfg(model_name, value)
         preprocess = {k: cfg[k] for k in _TAG_PREPROCESS if k in cfg}
@@ -116,6 +121,23 @@ def resolve_weights(model_name: str, pretrained: str | None) -> Weights:
     info = inspect_checkpoint(value)
     quick_gelu = info.quick_gelu if info.quick_gelu is not None else default
     return Weights(value, quick_gelu, info.openai, preprocess)
+
+
+def config_preprocess(model_name: str) -> dict[str, Any]:
+    """The eval preprocessing a model's weights expect when no tag says it: our configs' (preprocess.json),
+    or what every open_clip tag of the model agrees on (SigLIP: mean/std 0.5, squash; MobileCLIP: 0/1)."""
+    import json
+
+    ours = json.loads(CONFIG_PREPROCESS.read_text()).get(model_name)
+    if isinstance(ours, dict):
+        return {k: ours[k] for k in _TAG_PREPROCESS if k in ours}
+    open_clip = _open_clip()
+    settings = [{k: cfg[k] for k in _TAG_PREPROCESS if k in cfg}
+                for cfg in (open_clip.get_pretrained_cfg(model_name, t)
+                            for t in open_clip.list_pretrained_tags_by_model(model_name))]
+    if settings and all(s == settings[0] for s in settings):
+        return settings[0]
+    return {}
 
 
 def _download(model_name: str, tag: str, cfg: dict[str, Any]) -> str:
@@ -158,6 +180,7 @@ def load_base(model_name: str, pretrained: str | None = None, device: str = "cpu
     if uses_quick_gelu(model) != act:
         raise InternalError(f"{model_name} was built with quick_gelu={not act}, asked for {act}")
     model.eval()
+    reparameterize_(model)
     tokenizer = open_clip.get_tokenizer(model_name)
     return BaseModel(model, preprocess, tokenizer, model_name, pretrained, act)
 
@@ -165,15 +188,40 @@ def load_base(model_name: str, pretrained: str | None = None, device: str = "cpu
 def _create(open_clip: Any, model_name: str, weights: Weights, quick_gelu: bool, device: str) -> tuple[Any, Any]:
     """open_clip's factory with the activation forced; OpenAI-format weights are converted, then loaded."""
     path = None if weights.openai_format else weights.path
-    with _quiet_random_init(weights.openai_format):  # the weights follow; "initialized randomly" would mislead
+    fused = path is not None and _holds_reparameterized(path)  # saved after load_base fused its branches
+    if fused:
+        path = None
+    with _quiet_random_init(weights.openai_format or fused):  # the weights follow; "initialized randomly" would mislead
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=path, device=device, force_quick_gelu=quick_gelu, quick_gelu=quick_gelu,
             **{f"image_{k}": v for k, v in weights.preprocess.items()},
         )
+    if fused:
+        reparameterize_(model)
+        open_clip.load_checkpoint(model, weights.path, strict=True, device=device)
     if weights.openai_format:
         state = read_openai_state_dict(weights.path)
         model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     return model, preprocess
+
+
+def _holds_reparameterized(path: str) -> bool:
+    """Whether a checkpoint holds a timm tower's fused inference-time convs (timm names them reparam_conv)."""
+    return any(".reparam_conv." in name for name in checkpoint_names(path))
+
+
+def reparameterize_(model: Any) -> bool:
+    """Fuse a timm tower's train-time branches (MobileCLIP's RepMixer, MobileOne) in place, as its authors do
+    for inference: masks, fingerprints and exports then see the inference-time weights. True if anything changed."""
+    visual = getattr(model, "visual", None)
+    if type(visual).__name__ != "TimmModel" or visual.__dict__.get(_FUSED):
+        return False  # timm's fusion is not idempotent: a second pass fails on the deleted branches
+    from timm.utils.model import reparameterize_model
+
+    before = [n for n, _ in visual.named_parameters()]
+    reparameterize_model(visual, inplace=True)
+    visual.__dict__[_FUSED] = True
+    return [n for n, _ in visual.named_parameters()] != before
 
 
 @contextlib.contextmanager
@@ -203,27 +251,11 @@ def save_checkpoint(model: Any, path: str | Path) -> Path:
     return save_weights(model, path, uses_quick_gelu(model))
 
 
-def maskable_tensors(model: Any, groups: Iterable[str] = ("attn",)) -> dict[str, Any]:
-    """The image-encoder weights RMT masks, by open_clip name, in model order."""
-    groups = tuple(groups)
-    unknown = [g for g in groups if g not in MASK_GROUPS]
-    if unknown or not groups:
-        raise InputError(f"unknown mask group(s) {unknown or groups}: choose from {', '.join(MASK_GROUPS)}")
-    suffixes = tuple(s for g in groups for s in _GROUP_SUFFIXES.get(g, ()))
-    selected = {}
-    for name, param in model.named_parameters():
-        if not name.startswith("visual."):
-            continue
-        if name.endswith(suffixes) and ".resblocks." in name:
-            selected[name] = param
-        elif "conv1" in groups and name == "visual.conv1.weight":
-            selected[name] = param
-    if not selected:
-        raise InputError(
-            f"model has no visual weights in group(s) {', '.join(groups)}: "
-            "rmt-deploy masks ViT image encoders (open_clip VisionTransformer)"
-        )
-    return selected
+def maskable_tensors(model: Any, groups: Iterable[str] = ("attn",), model_name: str = "the model") -> dict[str, Any]:
+    """The image-tower weights of mask `groups` (rmt_deploy.basemodel.mask_groups), by open_clip name, in model
+    order; InputError for an unknown group or one the tower lacks."""
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in select(model, groups, model_name)}
 
 
 def tensor_to_numpy(tensor: Any) -> np.ndarray:
@@ -238,6 +270,18 @@ def tensor_to_numpy(tensor: Any) -> np.ndarray:
 def fingerprint(model_name: str, tensors: dict[str, Any]) -> str:
     """sha256 of the masked tensors' base values plus the model name (see DESIGN.md)."""
     return fingerprint_arrays(model_name, {n: tensor_to_numpy(t) for n, t in tensors.items()})
+
+
+def embed_dim(model: Any) -> int:
+    """The image embedding's width: open_clip towers record it; a timm tower's is read off one forward."""
+    dim = getattr(model.visual, "output_dim", None)
+    if isinstance(dim, int):
+        return dim
+    torch = require("torch", "train")
+    size = preprocess_config(model)["image_size"]
+    param = next(model.visual.parameters())
+    with torch.no_grad():
+        return int(model.visual(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)).shape[-1])
 
 
 def preprocess_config(model: Any) -> dict[str, Any]:

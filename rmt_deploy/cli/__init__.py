@@ -3,10 +3,12 @@
 The top layer: the only one that may import from every other (training, export, runtime,
 serving, tools, bench, demo); nothing imports it. One module per command; each imports the
 layer it drives only when it runs, so `rmt-deploy predict` never imports torch.
-A user error (RmtError) prints as one line on stderr and exits 1.
+A user error (RmtError) prints as one line on stderr and exits 1; so does an operating-system
+error (no space, file too large, read-only filesystem, permission denied, ...), naming the path.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import sys
@@ -66,6 +68,19 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"warning: {message}\n"
 
 
+def os_error_line(exc: OSError) -> str:
+    """'PATH: reason' (or 'SOURCE -> TARGET: reason') of an OSError, with a hint for the usual causes."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = {errno.ENOSPC: "free some space or choose another folder",
+            errno.EDQUOT: "free some space or choose another folder",
+            errno.EFBIG: "a file-size limit (ulimit -f) or the filesystem's largest file was reached",
+            errno.EROFS: "choose a writable folder", errno.EACCES: "check the permissions or choose another path",
+            errno.EPERM: "check the permissions or choose another path"}.get(exc.errno)
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    text = f"{where}: {reason}" if where is not None else reason
+    return f"{text}; {hint}" if hint else text
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, printing user errors and warnings as one line each."""
     warnings.formatwarning = _one_line_warning
@@ -79,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         if missing is None:
             raise
         click.echo(f"error: {missing}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # the environment, not a bug: one line naming the path and the reason
+        click.echo(f"error: {os_error_line(exc)}", err=True)
         sys.exit(1)
     except MemoryError:
         click.echo("error: out of memory; a file declared more data than fits (damaged or hostile input?), or "

@@ -26,9 +26,8 @@ def half_encoder(visual: Any) -> Any:
             self.norm = norm
 
         def forward(self, x: Any) -> Any:
-            return torch.nn.functional.layer_norm(
-                x.float(), self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps
-            ).to(x.dtype)
+            # the module's own forward: subclasses differ (timm's LayerNorm2d normalises channels first)
+            return self.norm(x.float()).to(x.dtype)
 
     half = copy.deepcopy(visual).half().eval()
     originals = dict(visual.named_modules())

@@ -1,7 +1,8 @@
 """export_bundle: a base model plus TaskPacks -> a verified bundle directory, written atomically.
 
-Everything is written into a hidden temporary directory next to `out` and
-renamed into place at the end, so an interrupted export leaves no bundle.
+Everything is written into a hidden temporary directory next to `out` and swapped into
+place at the end (artifacts.staging), so an interrupted export leaves the old bundle or
+none; an existing `out` is locked (artifacts.writer_lock) before anything of it is read.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from rmt_deploy.artifacts.fingerprint import short
 from rmt_deploy.artifacts.heads import head_nbytes
 from rmt_deploy.artifacts.staging import staged_folder
 from rmt_deploy.artifacts.task_file import SUFFIX, TaskPack
+from rmt_deploy.artifacts.writer_lock import lock_if_present
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, InputError
 from rmt_deploy.export import DEFAULTS, ExportConfig, verify
 from rmt_deploy.export import onnx as graphs
@@ -62,6 +64,11 @@ def export_bundle(config: ExportConfig, progress: bool = True) -> ExportReport:
     """Export `config.task_paths` on the base into the bundle `config.out`; see ExportConfig."""
     started = time.perf_counter()
     config.validate()
+    with lock_if_present(Path(config.out)):
+        return _export(config, started, progress)
+
+
+def _export(config: ExportConfig, started: float, progress: bool) -> ExportReport:
     _check_out(config.out, config.force)
     trt = None
     if config.target == "trt":
@@ -83,12 +90,13 @@ def export_bundle(config: ExportConfig, progress: bool = True) -> ExportReport:
 
 
 def _load_base(config: ExportConfig, packs: list[TaskPack]) -> _Base:
+    from rmt_deploy.basemodel.loading import embed_dim as image_embed_dim
     from rmt_deploy.basemodel.loading import fingerprint, load_base, preprocess_config
 
     loaded = load_base(config.model_name, config.pretrained)
     params = _masked_params(loaded.model, packs, config.model_name)
     base_fp = fingerprint(config.model_name, params)
-    embed_dim = int(loaded.model.visual.output_dim)
+    embed_dim = image_embed_dim(loaded.model)
     _check_packs(packs, base_fp, params, embed_dim)
     _check_activation(packs, loaded.quick_gelu)
     dtype = np.float16 if config.fp16 else np.float32

@@ -3,11 +3,11 @@
 The file is safetensors with a validated header (rmt_deploy.artifacts.safetensors_header). Its
 tensors are read front to back with `readinto` straight into the pool's first buffer
 while every byte is hashed, so loading holds no second dense copy and reads the file
-once; the digest is checked against the manifest's record at the end.
+once; the digest is checked against the manifest's record at the end. Nothing stays open or
+mapped after the read, so the file may change under a live engine without effect.
 """
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 from typing import Mapping
 
@@ -71,26 +71,6 @@ class SafetensorsReader:
             if record is not None:
                 record.check(self.path, reader.position, reader.hexdigest())
             return reader.hexdigest()
-
-
-    def map(self, names: Mapping[str, str]) -> dict[str, np.ndarray]:
-        """Read-only arrays over the file's pages (one shared, pre-faulted mapping), keyed like `names`
-        (key -> tensor name). The page cache holds them: no anonymous copy of the base is made."""
-        try:
-            with open(self.path, "rb") as handle:
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                mapped = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{self.path}: cannot map it ({exc}); {REBUILD}") from None
-        if len(mapped) != self.file_size:
-            raise ArtifactError(f"{self.path}: changed size while loading; {REBUILD}")
-        arrays = {}
-        for key, name in names.items():
-            entry = self.entries[name]
-            offset = self.header.data_start + entry.start
-            arrays[key] = np.frombuffer(mapped, entry.dtype, entry.nbytes // entry.dtype.itemsize,
-                                        offset).reshape(entry.shape)
-        return arrays
 
 
 def _bytes(out: np.ndarray) -> memoryview:

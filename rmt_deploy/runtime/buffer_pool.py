@@ -5,10 +5,12 @@ indices and zeroing B's: two scatters touching a few percent of the memory. A ta
 comes as a ZeroSet per tensor: its zero indices, and the base values there once a
 rewrite has read them from the buffer just before zeroing them (the buffer then holds
 exactly the base). The caller's warm tier keeps the ZeroSets, so switching back to a
-task is two scatters and no gather. One pristine copy of the
-masked tensors (a read-only mapping of the bundle's base weights file where the
-layouts match, else one copy in memory) fills new buffers and resets a buffer after
-a failed rewrite.
+task is two scatters and no gather. No pristine copy of the base is kept and no file
+stays mapped: a new buffer is a copy of a ready one with that one's zeros given their
+base values back, and a rewrite that fails half-way puts back, tensor by tensor, the base
+values of whichever zeros it holds. So after `fill_base` the pool never reads the bundle
+again: a base weights file changed, truncated or deleted under a live engine changes
+nothing (issue #24; benchmarks/live_files.py measures what a mapping or a private copy cost).
 A buffer in use by a caller (leased) is never rewritten, so every run sees exactly one
 task's weights. A rewrite runs outside the pool's lock: hits on other buffers go on
 meanwhile. numpy only.
@@ -17,13 +19,13 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 
-from rmt_deploy.errors import ArtifactError, InputError, InternalError
+from rmt_deploy.errors import InputError, InternalError
 
 BASE = "<base>"  # pseudo-task: the unmasked base values
 
@@ -121,11 +123,9 @@ class TaskPool:
     """LRU pool of `capacity` dense buffers; tasks come in as zero indices on a miss. Thread-safe."""
 
     def __init__(self, specs: list[TensorSpec], fill_base: Callable[[dict[str, np.ndarray]], object],
-                 capacity: int = 2, workers: int | None = None,
-                 map_base: Callable[[], Mapping[str, np.ndarray] | None] | None = None):
-        """`fill_base(arrays)` writes the base values into the first buffer (key -> empty array).
-        `map_base()`, when given, returns read-only arrays of the same values (a file mapping) to keep
-        as the pristine base; it is compared with what `fill_base` wrote. Without it, one copy is kept."""
+                 capacity: int = 2, workers: int | None = None):
+        """`fill_base(arrays)` writes the base values into the first buffer (key -> empty array); it is
+        the only read of the base the pool makes."""
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise InputError(f"cache_tasks={capacity!r} must be an integer >= 1")
         self.specs = {s.key: s for s in specs}
@@ -140,13 +140,7 @@ class TaskPool:
         self._executor = ThreadPoolExecutor(workers, "rmt-pool") if workers > 1 and len(specs) > 1 else None
         arrays = {spec.key: np.empty(spec.shape, spec.dtype) for spec in specs}
         fill_base(arrays)  # first buffer: the base values, read straight into place
-        self.base = _pristine(arrays, map_base)
         self._slots.append(_Slot(0, arrays, BASE))
-
-    @property
-    def base_mapped(self) -> bool:
-        """Whether the pristine base is a file mapping (True) or a copy in memory."""
-        return any(not a.flags.owndata for a in self.base.values())
 
     def resident(self) -> list[str]:
         """Tasks currently materialised in a buffer, most recently used first."""
@@ -267,17 +261,28 @@ class TaskPool:
             return self._allocate()
         return min(free, key=lambda s: s.last_used) if free else None
 
-    def _allocate(self) -> _Slot:
-        """A new buffer holding the base values (a copy of the pristine base, no file read)."""
-        arrays = {k: np.array(a) for k, a in self.base.items()}
+    def _allocate(self) -> _Slot | None:
+        """A new buffer holding the base values: a copy of a ready buffer (call under the lock: its
+        contents cannot change then) with that buffer's zeros given their base values back; None
+        while every buffer is being rewritten."""
+        source = next((s for s in self._slots if s.ready and s.task == BASE), None) \
+            or next((s for s in self._slots if s.ready), None)
+        if source is None:
+            return None
+        arrays = {k: np.array(a) for k, a in source.arrays.items()}
+        for key, held in source.zeros.items():
+            if held.indices.size:
+                arrays[key].reshape(-1)[held.indices] = held.base_values
         slot = _Slot(len(self._slots), arrays, BASE)
         self._slots.append(slot)
         self.stats.allocations += 1
         return slot
 
-    def _rewrite(self, arrays: dict[str, np.ndarray], old: Zeros, new: Zeros) -> None:
+    def _rewrite(self, arrays: dict[str, np.ndarray], old: Zeros, new: Zeros,
+                 done: dict[str, ZeroSet | None]) -> None:
         """Give the old zeros their base values back, then zero the new ones, tensor by tensor; the
-        base values at new zeros not read yet are read just before (the lines about to be written)."""
+        base values at new zeros not read yet are read just before (the lines about to be written).
+        `done` gets each tensor whose old zeros are restored: key -> the new ZeroSet written (or None)."""
 
         def rewrite(key: str) -> None:
             flat = arrays[key].reshape(-1)
@@ -285,24 +290,33 @@ class TaskPool:
             held = old.get(key)
             if held is not None and held.indices.size:
                 flat[held.indices] = held.base_values
+            done[key] = None  # the tensor holds its base values now
             if zeros is not None:
                 if zeros.base_values is None:
                     zeros.base_values = flat[zeros.indices]
+                done[key] = zeros
                 flat[zeros.indices] = 0
 
         if self._executor is None:
             for key in arrays:
                 rewrite(key)
-        else:
-            list(self._executor.map(rewrite, arrays))
+            return
+        futures = [self._executor.submit(rewrite, key) for key in arrays]
+        wait(futures)  # every worker has stopped writing before a failure is handled
+        for future in futures:
+            future.result()
 
     def _rewrite_or_reset(self, slot: _Slot, old: Zeros, new: Zeros) -> None:
-        """`_rewrite`; if it fails half-way, the buffer gets the pristine base values back (never a mix)."""
+        """`_rewrite`; if it fails half-way, each tensor gets its base values back from the zeros it
+        holds then (the old task's where it was not rewritten yet, the new task's where it was)."""
+        done: dict[str, ZeroSet | None] = {}
         try:
-            self._rewrite(slot.arrays, old, new)
+            self._rewrite(slot.arrays, old, new, done)
         except BaseException:
             for key, array in slot.arrays.items():
-                array[...] = self.base[key]
+                held = done[key] if key in done else old.get(key)
+                if held is not None and held.indices.size:
+                    array.reshape(-1)[held.indices] = held.base_values
             self._finish(slot, BASE, NO_ZEROS)
             raise
 
@@ -327,25 +341,6 @@ class TaskPool:
 def _sorted_in_range(idx: np.ndarray, size: int) -> bool:
     """One-dimensional with its first and last entries in [0, size) (sorted by construction)."""
     return idx.ndim == 1 and (not idx.size or 0 <= idx[0] <= idx[-1] < size)
-
-
-def _pristine(arrays: dict[str, np.ndarray],
-              map_base: Callable[[], Mapping[str, np.ndarray] | None] | None) -> dict[str, np.ndarray]:
-    """The base values to restore from: the mapping when it equals what was read, else a copy."""
-    mapped = map_base() if map_base is not None else None
-    if mapped is None:
-        base = {key: array.copy() for key, array in arrays.items()}
-    else:
-        base = dict(mapped)
-        for key, array in arrays.items():
-            found = base.get(key)
-            if found is None or found.shape != array.shape or found.dtype != array.dtype \
-                    or not np.array_equal(found, array, equal_nan=True):
-                raise ArtifactError(f"the base weights file changed while the engine loaded it ({key}); "
-                                    "load the bundle again")
-    for array in base.values():
-        array.flags.writeable = False
-    return base
 
 
 class _LeaseContext:

@@ -10,6 +10,16 @@ so every prediction sees exactly one task's weights. Tasks live in a TaskStore: 
 at load, read and verified at first use, kept encoded (cold) or decoded within
 `warm_bytes` (warm). Logits are computed here in numpy from the shared embedding and
 the task's head. No torch import on this path.
+
+Bundle files changing under a live engine (issue #24): the manifest, the base graph and the base
+weights are read once at load and never again (no file stays mapped), so a later change,
+truncation or deletion of them changes nothing: the engine answers as loaded. A task file is
+read at the task's first use and checked against the size and sha256 the manifest had at
+load; if it changed since, that task fails with an ArtifactError naming the file and saying
+the bundle changed after load, and the other tasks keep answering. Tasks are the bundle's
+tasks at load: `engine.tasks` does not follow `bundle add/remove` (so a task in use never
+vanishes between two requests); asking for a task removed since load, or added since, is an
+UnknownTaskError saying so and how to reload (Engine.load again, or `engine.add_task(path)`).
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ from rmt_deploy.artifacts.heads import HeadMath
 from rmt_deploy.artifacts.integrity import REBUILD
 from rmt_deploy.artifacts.masks import decode_zero_indices
 from rmt_deploy.artifacts.task_file import TaskPack
-from rmt_deploy.errors import ArtifactError, InputError
+from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
 from rmt_deploy.runtime import backends
 from rmt_deploy.runtime.backends import Backend
 from rmt_deploy.runtime.buffer_pool import BASE, Lease, TaskPool, TensorSpec, ZeroSet
@@ -91,19 +101,12 @@ def _check_legacy_base(bundle: Bundle, specs: list[TensorSpec], arrays: dict[str
 
 def _make_pool(bundle: Bundle, impl: Backend, cache_tasks: int, threads: int | None) -> TaskPool:
     """The task pool, its first buffer filled with the base values (hash-checked while read)."""
-    digest: list[str | None] = [None]
-
     def fill(arrays: dict[str, np.ndarray]) -> None:
-        digest[0] = impl.fill_base(arrays)
+        digest = impl.fill_base(arrays)
+        if impl.base_file is not None and not bundle.verified:
+            _check_legacy_base(bundle, impl.specs, arrays, digest)
 
-    pool = TaskPool(impl.specs, fill, cache_tasks, workers=threads, map_base=impl.map_base)
-    if impl.base_file is not None and not bundle.verified:
-        try:
-            _check_legacy_base(bundle, impl.specs, pool.base, digest[0])
-        except BaseException:
-            pool.close()
-            raise
-    return pool
+    return TaskPool(impl.specs, fill, cache_tasks, workers=threads)
 
 
 def _stored_zeros(pool: TaskPool, spec: TensorSpec, shape: tuple[int, ...], blob: bytes) -> ZeroSet:
@@ -209,8 +212,32 @@ class Engine:
 
     def _read_bundle_task(self, name: str) -> CompactTask:
         bundle, manifest = self._bundle, self._bundle.manifest
-        return read_compact(bundle.task_path(name), manifest.fingerprint, self._shapes, manifest.embed_dim,
-                            bundle.record(bundle.task_relative(name)), name, manifest.quick_gelu)
+        try:
+            return read_compact(bundle.task_path(name), manifest.fingerprint, self._shapes, manifest.embed_dim,
+                                bundle.record(bundle.task_relative(name)), name, manifest.quick_gelu)
+        except ArtifactError as exc:
+            raise self._changed_since_load(name, exc) from None
+
+    def _bundle_now(self) -> Bundle | None:
+        """The bundle as it is on disk now (None if its manifest cannot be read)."""
+        try:
+            return Bundle.open(self._bundle.root)
+        except RmtError:
+            return None
+
+    def _changed_since_load(self, name: str, error: ArtifactError) -> RmtError:
+        """`error` (a task file failed its check), or what explains it: the bundle changed after load."""
+        root, now = self._bundle.root, self._bundle_now()
+        reload = f"load the bundle again (Engine.load({str(root)!r}), or restart the server) to serve it as it is now"
+        if now is not None and name not in now.tasks:
+            return UnknownTaskError(f"task {name!r} was removed from bundle {root} after this engine loaded it; "
+                                    f"{reload} (tasks now: {', '.join(now.tasks[:20]) or 'none'})")
+        relative = self._bundle.task_relative(name)
+        if now is not None and (now.manifest.checksums.get(relative) != self._bundle.manifest.checksums.get(relative)
+                                or now.manifest.fingerprint != self._bundle.manifest.fingerprint):
+            return ArtifactError(f"{root / relative}: changed after this engine loaded bundle {root} (the bundle "
+                                 f"was edited or replaced); {reload}")
+        return error
 
     def _decode(self, task: CompactTask) -> Mapping[str, ZeroSet]:
         """Zero indices of each masked tensor in the backend's stored layout with the base values there,
@@ -249,6 +276,13 @@ class Engine:
         if name is None:
             raise InputError("no task selected: pass task=... or call engine.switch(task) first "
                              f"(available: {', '.join(self.tasks[:20]) or 'none'})")
+        if name not in self._store and name not in self._bundle.tasks:
+            now = self._bundle_now()
+            if now is not None and name in now.tasks:
+                raise UnknownTaskError(
+                    f"task {name!r} was added to bundle {self._bundle.root} after this engine loaded it; load the "
+                    f"bundle again (Engine.load, or restart the server), or add it to this engine with "
+                    f"engine.add_task({str(now.task_path(name))!r})")
         return self._store.head(name)
 
     def _head_math(self, head: TaskHead) -> HeadMath:
@@ -292,7 +326,7 @@ class Engine:
     def predict(self, images: Any, task: str | None = None) -> Prediction:
         """Classify images with one task (default: the current one), atomically.
 
-        `images`: paths, PIL images, uint8 HWC arrays (one or a list), or a float32 NCHW
+        `images`: paths, encoded bytes, PIL images, uint8 HWC arrays (one or a list), or a float32 NCHW
         batch already preprocessed. Batches larger than the bundle's max batch are split.
         """
         self._check_open()
@@ -300,6 +334,7 @@ class Engine:
         batch = to_batch(images, self._transform)
         embeddings = self.embed(batch, head.name)
         logits = self._head_math(head).logits(embeddings)
+        _check_finite(logits, embeddings, head.name, isinstance(images, np.ndarray) and images.dtype != np.uint8)
         probs = _softmax(logits.copy())
         indices = logits.argmax(axis=1)
         labels = [head.class_names[i] for i in indices]
@@ -350,3 +385,16 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"task={self._task!r}, tasks={len(self._store)}"
         return f"Engine({self._bundle.root}, backend={self.backend!r}, {state})"
+
+
+def _check_finite(logits: np.ndarray, embeddings: np.ndarray, task: str, preprocessed: bool) -> None:
+    """A NaN or Inf answer is never returned: InputError for a caller's preprocessed batch, else ArtifactError."""
+    bad = ~(np.isfinite(logits).all(axis=1) & np.isfinite(embeddings).all(axis=1))
+    if not bad.any():
+        return
+    rows = ", ".join(str(i) for i in np.flatnonzero(bad)[:8])
+    if preprocessed:
+        raise InputError(f"task {task!r}: the preprocessed batch gives non-finite logits for image(s) {rows}: "
+                         "check its values (pass uint8 images to have them preprocessed)")
+    raise ArtifactError(f"task {task!r}: non-finite logits for image(s) {rows}: the task or base weights are "
+                        f"damaged, or the backend overflows; {REBUILD}")

@@ -1,29 +1,37 @@
-"""Image loading and open_clip's eval transform, in numpy + Pillow (no torch).
+"""open_clip's eval transform in numpy + Pillow (no torch), on RGB images from one decoder.
 
-Steps and rounding follow open_clip's `image_transform(..., is_train=False)` on PIL
-images exactly: resize (Pillow, antialiased, in the image's own mode; bicubic whatever the
-configured interpolation for "shortest" on a non-square size, as open_clip does), center crop
-(zero padding where the image is smaller), convert to RGB, scale to [0, 1], then
-(x - mean) / std in float32. `to_batch` turns what a user passes to
-`Engine.predict` into one validated float32 NCHW batch.
+Images are decoded and converted to RGB first (runtime.image_decode: the decoder every path
+shares), then resized and cropped with open_clip's `image_transform(..., is_train=False)` steps
+and rounding: resize (Pillow, antialiased; bicubic whatever the configured interpolation for
+"shortest" on a non-square size, as open_clip does), center crop (zero padding where the image
+is smaller), scale to [0, 1], then (x - mean) / std in float32. Where the resized image would hold
+more than BOX_RESIZE_AREA times the crop's pixels (extreme aspect ratios: 1 x 16384 at 224 px would
+be 224 x 3.7 M), only the window the crop keeps is resized (Pillow's box resize, sampling the source
+where the full resize would; within one 8-bit level of it), so any shape costs what a square one
+does. `to_batch` turns what a user passes to `Engine.predict` into one
+validated float32 NCHW batch.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.image_decode import DecodeLimits, decode_image, load_image, to_rgb
 
-__all__ = ["ImageTransform", "load_image", "to_batch"]
+__all__ = ["ImageTransform", "load_image", "to_batch", "MAX_ABS_INPUT"]
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "random": Image.Resampling.BICUBIC}  # open_clip evaluates 'random' as bicubic
 _RESIZE_MODES = ("shortest", "longest", "squash")
+# a preprocessed batch holds (pixel / 255 - mean) / std: a few units for any usual mean and std;
+# values beyond this are not an image (and 3e38 overflows to NaN inside the model)
+MAX_ABS_INPUT = 1e4
+BOX_RESIZE_AREA = 4  # resized / crop pixels above which only the kept window is resized
 
 
 @dataclass(frozen=True)
@@ -53,18 +61,21 @@ class ImageTransform:
                    str(cfg.interpolation), str(cfg.resize_mode))
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """One PIL image -> float32 [3, H, W], normalised."""
-        image = self._resize(image)
-        image = _center_crop(image, self.image_size)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        """One PIL image -> float32 [3, H, W], normalised (RGB first, then resize and crop)."""
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise InputError(f"image is empty ({width}x{height} pixels)")
+        size, resample = self._resized_size(width, height)
+        image = _resize_and_crop(to_rgb(image), size, resample, self.image_size)
+        pixels = np.asarray(image, dtype=np.float32)
         pixels /= np.float32(255.0)
         pixels -= np.asarray(self.mean, np.float32)
         pixels /= np.asarray(self.std, np.float32)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
-    def _resize(self, image: Image.Image) -> Image.Image:
+    def _resized_size(self, w: int, h: int) -> tuple[list[int], Image.Resampling]:
+        """The [height, width] open_clip resizes a w x h image to (each at least 1), and the filter."""
         height, width = self.image_size
-        w, h = image.size
         resample = _RESAMPLE[self.interpolation]
         if self.resize_mode == "squash":
             size = [height, width]
@@ -78,9 +89,7 @@ class ImageTransform:
             if self.resize_mode == "shortest":
                 # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation
                 resample = Image.Resampling.BICUBIC
-        if [h, w] == size:
-            return image
-        return image.resize((size[1], size[0]), resample)
+        return [max(1, side) for side in size], resample
 
 
 def _keep_ratio_size(source: tuple[int, int], target: tuple[int, int], longest: bool) -> list[int]:
@@ -90,28 +99,31 @@ def _keep_ratio_size(source: tuple[int, int], target: tuple[int, int], longest: 
     return [round(source[0] * 1.0 / ratio), round(source[1] * 1.0 / ratio)]
 
 
-def _center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """torchvision center_crop on PIL: pad with zeros where smaller, then crop at rounded center."""
-    crop_h, crop_w = size
-    w, h = image.size
-    if (w, h) == (crop_w, crop_h):
-        return image
-    left = -((crop_w - w) // 2) if crop_w > w else int(round((w - crop_w) / 2.0))
-    top = -((crop_h - h) // 2) if crop_h > h else int(round((h - crop_h) / 2.0))
-    return image.crop((left, top, left + crop_w, top + crop_h))  # outside the image reads as 0
+def _crop_start(size: int, crop: int) -> int:
+    """torchvision center_crop's first kept index along one side (negative: zero padding before)."""
+    return -((crop - size) // 2) if crop > size else int(round((size - crop) / 2.0))
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully; InputError names the file if it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image file {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from None
+def _resize_and_crop(image: Image.Image, size: list[int], resample: Image.Resampling,
+                     crop: tuple[int, int]) -> Image.Image:
+    """Resize to `size` [h, w], then center crop to `crop` [h, w] (zero padding where smaller), resizing
+    only the kept window: the box resize samples the source where the full resize would."""
+    (new_h, new_w), (crop_h, crop_w), (w, h) = size, crop, image.size
+    left, top = _crop_start(new_w, crop_w), _crop_start(new_h, crop_h)
+    x0, x1, y0, y1 = max(left, 0), min(left + crop_w, new_w), max(top, 0), min(top + crop_h, new_h)
+    if (new_w, new_h) == (w, h):
+        kept = image if (x0, y0, x1, y1) == (0, 0, w, h) else image.crop((x0, y0, x1, y1))
+    elif new_w * new_h <= BOX_RESIZE_AREA * crop_w * crop_h:  # exactly open_clip's resize, then crop
+        kept = image.resize((new_w, new_h), resample)
+        kept = kept if (x0, y0, x1, y1) == (0, 0, new_w, new_h) else kept.crop((x0, y0, x1, y1))
+    else:
+        sx, sy = w / new_w, h / new_h
+        kept = image.resize((x1 - x0, y1 - y0), resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    if kept.size == (crop_w, crop_h):
+        return kept
+    canvas = Image.new("RGB", (crop_w, crop_h))  # outside the image reads as 0
+    canvas.paste(kept, (x0 - left, y0 - top))
+    return canvas
 
 
 def _from_array(array: np.ndarray, index: int) -> Image.Image:
@@ -147,22 +159,27 @@ def _check_float_batch(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if not np.isfinite(batch).all():
         bad = int(np.count_nonzero(~np.isfinite(batch)))
         raise InputError(f"preprocessed batch holds {bad} NaN or Inf values; check the input")
+    largest = float(np.abs(batch).max())
+    if largest > MAX_ABS_INPUT:
+        raise InputError(f"preprocessed batch holds values up to {largest:.3g}, beyond +-{MAX_ABS_INPUT:g}: "
+                         "not a normalised image ((pixel / 255 - mean) / std); pass uint8 images instead")
     return np.ascontiguousarray(batch)
 
 
 def to_batch(images: Any, transform: ImageTransform) -> np.ndarray:
-    """Paths, PIL images, uint8 HWC arrays, or a float32 NCHW batch -> float32 NCHW batch."""
+    """Paths, encoded image bytes, PIL images, uint8 HWC arrays, or a float32 NCHW batch -> float32 NCHW
+    batch. Paths and bytes go through the decoder every path shares (image_decode, default limits)."""
     if isinstance(images, np.ndarray) and images.dtype != np.uint8:
         return _check_float_batch(images, transform.image_size)
     if isinstance(images, np.ndarray) and images.ndim == 4:
         items: Sequence[Any] = list(images)  # a stack of uint8 HWC images
-    elif isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+    elif isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
         items = [images]
     elif isinstance(images, Iterable):
         items = list(images)
     else:
         raise InputError(
-            f"cannot read images from {type(images).__name__}: pass paths, PIL images, "
+            f"cannot read images from {type(images).__name__}: pass paths, encoded bytes, PIL images, "
             "uint8 HWC arrays or a float32 NCHW batch"
         )
     if not items:
@@ -171,13 +188,18 @@ def to_batch(images: Any, transform: ImageTransform) -> np.ndarray:
     for i, item in enumerate(items):
         if isinstance(item, (str, os.PathLike)):
             image = load_image(item)
+        elif isinstance(item, (bytes, bytearray)):
+            image = decode_image(bytes(item), f"image {i} ({len(item):,} bytes)",
+                                 lambda w, h, i=i: DecodeLimits().check(w, h, f"image {i}"))
         elif isinstance(item, Image.Image):
             image = item
+            if min(image.size) < 1:
+                raise InputError(f"image {i}: the PIL image is empty ({image.size[0]}x{image.size[1]} pixels)")
         elif isinstance(item, np.ndarray):
             image = _from_array(item, i)
         else:
             raise InputError(
-                f"image {i} is a {type(item).__name__}: pass a path, a PIL image or a uint8 HWC array"
+                f"image {i} is a {type(item).__name__}: pass a path, encoded bytes, a PIL image or a uint8 HWC array"
             )
         out[i] = transform(image)
     return out

@@ -3,6 +3,12 @@
 Writes a model repository for the bundle (serving.triton_repo) into a private workspace,
 runs the tritonserver binary from the nvidia-pytriton wheel on it (serving.tritonserver),
 and on SIGTERM or Ctrl-C lets Triton finish the requests in flight before exiting 0.
+A model worker (a Python-backend stub, one per instance) that dies does not leave a server that
+still says ready while it answers every request with HTTP 500: `serve` watches the workers,
+and when one is gone it stops tritonserver and exits 1 naming the worker, so that the
+supervisor (systemd, Kubernetes, a restart loop) starts a fresh server, which loads the
+bundle as it is then. Restarting the worker in place is not done: a fault that recurs would
+loop unseen.
 """
 from __future__ import annotations
 
@@ -12,11 +18,14 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rmt_deploy.errors import InputError
 from rmt_deploy.serving.triton_repo import ServingConfig
 from rmt_deploy.serving.tritonserver import Ports, ServerError
+
+if TYPE_CHECKING:
+    from rmt_deploy.serving.tritonserver import TritonServer
 
 # Triton's log line once no inference is in flight during shutdown (it then unloads the models)
 DRAINED = "Found 0 model versions that have in-flight inferences"
@@ -30,6 +39,15 @@ def check_port_free(host: str, port: int, option: str) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise InputError(f"{option} {port} on {host} is not free ({exc.strerror}); pick another port") from None
+
+
+def _check_workers(server: "TritonServer", workers: dict[int, str]) -> None:
+    """ServerError (after stopping Triton) when a model worker has died."""
+    dead = server.dead_workers(workers)
+    if dead:
+        server.stop(timeout=5)
+        raise ServerError(f"a model worker of tritonserver died (pid {dead[0]}, {len(dead)} of {len(workers)}); "
+                          "the server was stopped so that its supervisor restarts it")
 
 
 def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_timeout: int,
@@ -56,7 +74,9 @@ def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_t
             say(f"serving {len(bundle.tasks)} tasks ({', '.join(bundle.tasks)}) as model "
                        f"'{config.model_name}': http {server.url}, grpc {ports.host}:{ports.grpc}, "
                        f"metrics :{ports.metrics}/metrics; Ctrl-C or SIGTERM to stop")
+            workers = server.model_workers()
             while not stop.is_set() and server.process.poll() is None:
+                _check_workers(server, workers)
                 stop.wait(0.5)
             if not stop.is_set():
                 raise ServerError(f"tritonserver exited with status {server.process.returncode}:\n"

@@ -19,15 +19,15 @@ read and write the KServe v2 JSON body for HTTP ingresses that are not Triton.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from rmt_deploy.errors import InputError, UnknownTaskError
+from rmt_deploy.runtime import image_decode
 
 __all__ = [
     "TASK", "IMAGE", "IMAGE_BYTES", "LABELS", "PROBS", "INDEX", "EMBEDDING", "INPUTS", "OUTPUTS",
@@ -58,6 +58,7 @@ class ImageLimits:
     max_side: int = 16384
     max_encoded_bytes: int = 32 << 20      # per image_bytes element
     max_samples: int = 64                  # along one request's batch dimension
+    max_request_pixels: int = 64 << 20     # decoded image_bytes held at once by one request (4 B/px: 256 MiB)
     max_json_elements: int = 64 << 20      # per KServe v2 JSON tensor
 
 
@@ -91,8 +92,7 @@ def decode_inputs(inputs: Mapping[str, np.ndarray | None], tasks: Collection[str
     if IMAGE in given:
         images: Sequence[Any] = _raw_images(given[IMAGE], len(names), limits)
     else:
-        images = [decode_image(data, limits) for data in _bytes_column(given[IMAGE_BYTES], IMAGE_BYTES,
-                                                                     len(names))]
+        images = _decode_all(_bytes_column(given[IMAGE_BYTES], IMAGE_BYTES, len(names), limits), limits)
     return [Sample(task, image) for task, image in zip(names, images)]
 
 
@@ -147,12 +147,16 @@ def _datatype(array: Any) -> str:
     return str(array.dtype)
 
 
-def _check_size(height: int, width: int, what: str, limits: ImageLimits) -> None:
+def _check_size(height: int, width: int, what: str, limits: ImageLimits, budget: int | None = None) -> None:
     if height < 1 or width < 1:
         raise RequestError(f"{what} is empty ({height}x{width} pixels)")
     if max(height, width) > limits.max_side or height * width > limits.max_pixels:
         raise RequestError(f"{what} is {height}x{width} pixels, more than the server's limit of "
                            f"{limits.max_pixels:,} pixels ({limits.max_side} per side): send a smaller image")
+    if budget is not None and height * width > budget:
+        raise RequestError(f"{what}: the request's images decode to more than the server's limit of "
+                           f"{max(limits.max_request_pixels, limits.max_pixels):,} pixels per request: "
+                           "send fewer or smaller images per request")
 
 
 def _raw_images(array: Any, count: int, limits: ImageLimits) -> list[np.ndarray]:
@@ -170,28 +174,30 @@ def _raw_images(array: Any, count: int, limits: ImageLimits) -> list[np.ndarray]
     return list(array)
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """An encoded JPEG / PNG / WebP / BMP file -> a loaded RGB PIL image; its pixel count is checked
-    from the header before any pixel is decoded."""
+def _decode_all(files: list[bytes], limits: ImageLimits) -> list[Image.Image]:
+    """Decode a request's files, refusing one whose header takes the request past max_request_pixels."""
+    budget = max(limits.max_request_pixels, limits.max_pixels)
+    images: list[Image.Image] = []
+    for data in files:
+        images.append(decode_image(data, limits, budget))
+        budget -= images[-1].size[0] * images[-1].size[1]
+    return images
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), budget: int | None = None) -> Image.Image:
+    """An encoded JPEG / PNG / WebP / BMP file -> a loaded RGB PIL image, through the decoder every path
+    shares (runtime.image_decode); its pixel count is checked from the header before any pixel is decoded."""
     if not data:
         raise RequestError("input 'image_bytes' is empty: send the encoded image file")
     if len(data) > limits.max_encoded_bytes:
         raise RequestError(f"input 'image_bytes' is {len(data):,} bytes, more than the server's limit of "
                            f"{limits.max_encoded_bytes:,}")
-    try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            width, height = image.size
-            _check_size(height, width, "input 'image_bytes'", limits)
-            image.load()
-            return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise RequestError(f"input 'image_bytes' ({len(data):,} bytes) is not a {', '.join(IMAGE_FORMATS)} file") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own bound, checked while opening
-        raise RequestError(f"input 'image_bytes' declares more pixels than the server's limit of "
-                           f"{limits.max_pixels:,} ({str(exc).split(' exceeds')[0]}): send a smaller image") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"input 'image_bytes' cannot be decoded as {', '.join(IMAGE_FORMATS)}: "
-                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    return image_decode.decode_image(
+        data, f"input 'image_bytes' ({len(data):,} bytes)",
+        lambda width, height: _check_size(height, width, "input 'image_bytes'", limits, budget),
+        formats=IMAGE_FORMATS, error=RequestError,
+        on_bomb=lambda detail: RequestError(f"input 'image_bytes' declares more pixels than the server's limit of "
+                                            f"{limits.max_pixels:,} ({detail}): send a smaller image"))
 
 
 def group_by_task(samples: Sequence[Sample]) -> dict[str, list[int]]:

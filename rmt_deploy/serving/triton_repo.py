@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from rmt_deploy.artifacts.bundle import IMAGE_INPUT, LOGITS_OUTPUT, Bundle
 from rmt_deploy.artifacts.staging import staged_folder
+from rmt_deploy.artifacts.writer_lock import lock_if_present
 from rmt_deploy.errors import InputError
 from rmt_deploy.serving import protocol
 
@@ -144,12 +145,17 @@ def export_repository(export: "ExportConfig", config: ServingConfig, progress: b
     """`rmt-deploy export --target triton`: an ONNX bundle exported into REPO/<model>/1/bundle, its Engine
     model, and with mode folded/both the folded tasks as onnxruntime models; written to a temporary
     folder beside REPO and renamed into place. Returns the model names."""
-    from rmt_deploy.export import export_bundle
-
     config.validate()
     out = Path(export.out)
-    if out.exists() and not export.force:
-        raise InputError(f"{out} already exists; pass --force to replace it")
+    with lock_if_present(out), lock_if_present(out / config.model_name / "1" / "bundle"):
+        if out.exists() and not export.force:
+            raise InputError(f"{out} already exists; pass --force to replace it")
+        return _export_repository(export, config, out, progress)
+
+
+def _export_repository(export: "ExportConfig", config: ServingConfig, out: Path, progress: bool) -> list[str]:
+    from rmt_deploy.export import export_bundle
+
     with staged_folder(out) as staging:
         folded = export.mode in ("folded", "both")
         bundle_dir = staging / config.model_name / "1" / "bundle"

@@ -88,6 +88,25 @@ def server_env() -> dict[str, str]:
     return env
 
 
+STUB = "triton_python_backend_stub"
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state letter, command line) of every process /proc shows."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        found[int(entry)] = (int(fields[1]), fields[0], command.strip())
+    return found
+
+
 def command(repo: Path, backends: Path, ports: Ports, extra: Sequence[str] = ()) -> list[str]:
     return [str(distribution() / "bin" / "tritonserver"), f"--model-repository={repo}",
             f"--backend-directory={backends}", f"--http-address={ports.host}", f"--http-port={ports.http}",
@@ -131,6 +150,17 @@ class TritonServer:
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_errors()}")
+
+    def model_workers(self) -> dict[int, str]:
+        """The Python-backend stub processes of this server (pid -> command): one per model instance."""
+        return {pid: command for pid, (parent, _, command) in _processes().items()
+                if parent == self.process.pid and STUB in command}
+
+    def dead_workers(self, workers: dict[int, str]) -> list[int]:
+        """Those of `workers` that have exited (gone, or a zombie not yet reaped)."""
+        now = _processes()
+        return [pid for pid, command in workers.items()
+                if pid not in now or now[pid][1] == "Z" or now[pid][2] != command]
 
     def log_tail(self, lines: int = 25) -> str:
         if not self._log_file.closed:

@@ -6,13 +6,14 @@
 The manifest is the commit point: a new task file is copied in under a hidden temporary
 name, checked from that copy, renamed into place, and only then listed in the manifest
 (written atomically); removed tasks leave the manifest first and their files after.
-A crash leaves the old or the new bundle, never a half-edited one. One editor at a time
-(an exclusive lock on the bundle's `.lock` file).
+A crash leaves the old or the new bundle, never a half-edited one, and the next writer
+removes what it left. One writer at a time: every writer of a bundle (these, `export
+--force`, the Triton repository export) takes its lock (artifacts.writer_lock) before it
+reads the manifest; a second one waits up to `wait` seconds, then fails naming the holder.
 """
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -20,34 +21,38 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from rmt_deploy.artifacts.bundle import TASKS_DIR, Bundle
+from rmt_deploy.artifacts.bundle import FOLDED_DIR, MANIFEST, TASKS_DIR, Bundle
 from rmt_deploy.artifacts.integrity import REBUILD, FileRecord, read_verified
-from rmt_deploy.artifacts.staging import usual_mode
+from rmt_deploy.artifacts.staging import remove_stale, usual_mode
 from rmt_deploy.artifacts.task_file import MAX_TASK_FILE_BYTES, SUFFIX
+from rmt_deploy.artifacts.writer_lock import writer_lock
 from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
 from rmt_deploy.runtime.task_reader import decode_zeros, read_compact
 
 __all__ = ["add_tasks", "remove_tasks"]
 
-LOCK_FILE = ".lock"
+LEGACY_LOCK_FILE = ".lock"  # the editors' lock file before issue #24
 
 
 @contextmanager
-def _edit_lock(root: Path) -> Iterator[None]:
-    try:
-        handle = open(root / LOCK_FILE, "a")
-    except OSError as exc:
-        raise InputError(f"{root}: cannot edit this bundle ({exc.strerror}); check its permissions") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{root}: another `rmt-deploy bundle` command is editing this bundle; "
-                             "retry when it has finished") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _edit_lock(root: Path, wait: float | None = None) -> Iterator[None]:
+    """The bundle's writer lock; then what a killed writer left is cleaned (every writer does it)."""
+    with writer_lock(root, wait):
+        remove_stale(Path(root).resolve())  # stages of a killed `export --force` beside the bundle
+        yield
+
+
+def _clean_leftovers(bundle: Bundle) -> None:
+    """Remove what a killed editor left inside the bundle (call under the lock): hidden temporary files
+    and task or folded files the manifest does not list."""
+    listed = set(bundle.manifest.checksums)
+    doomed = [p for p in bundle.root.glob(f".{MANIFEST}.*.tmp")] + [bundle.root / LEGACY_LOCK_FILE]
+    for folder in (TASKS_DIR, FOLDED_DIR):
+        if (bundle.root / folder).is_dir():
+            doomed += [p for p in (bundle.root / folder).iterdir()
+                       if f"{folder}/{p.name}" not in listed and not p.is_dir()]
+    for path in doomed:
+        path.unlink(missing_ok=True)
 
 
 def _editable(root: str | os.PathLike) -> Bundle:
@@ -83,11 +88,11 @@ def _stage_copy(bundle: Bundle, source: Path) -> tuple[Path, str, FileRecord]:
     return staged, task.head.name, record
 
 
-def add_tasks(root: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> list[str]:
+def add_tasks(root: str | os.PathLike, sources: Sequence[str | os.PathLike], wait: float | None = None) -> list[str]:
     """Copy .rmtask files into a bundle and list them in its manifest; returns the names added."""
-    bundle = _editable(root)
-    with _edit_lock(bundle.root):
-        bundle = _editable(root)  # as it is now that no one else edits it
+    with _edit_lock(Path(root), wait):
+        bundle = _editable(root)  # read once the lock is held: as no other writer leaves it
+        _clean_leftovers(bundle)
         (bundle.root / TASKS_DIR).mkdir(exist_ok=True)
         staged: list[tuple[Path, str, FileRecord]] = []
         placed: list[Path] = []
@@ -122,11 +127,11 @@ def _check_new_name(bundle: Bundle, name: str, earlier: list[str], source: Path)
         raise InputError(f"{source}: task {name!r} is given twice; add each task once")
 
 
-def remove_tasks(root: str | os.PathLike, names: Sequence[str]) -> list[str]:
+def remove_tasks(root: str | os.PathLike, names: Sequence[str], wait: float | None = None) -> list[str]:
     """Unlist tasks from a bundle's manifest, then delete their files (task packs and folded models)."""
-    bundle = _editable(root)
-    with _edit_lock(bundle.root):
+    with _edit_lock(Path(root), wait):
         bundle = _editable(root)
+        _clean_leftovers(bundle)
         manifest = bundle.manifest
         for name in names:
             if name not in manifest.tasks:

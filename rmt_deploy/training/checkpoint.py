@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from rmt_deploy.artifacts.integrity import check_regular_file
 from rmt_deploy.artifacts.staging import write_atomic
+from rmt_deploy.basemodel.checkpoint_files import MAX_CHECKPOINT_BYTES
 from rmt_deploy.errors import ArtifactError, InputError
 
 FORMAT = "rmt-deploy.train-checkpoint"
@@ -80,6 +82,7 @@ def load_latest(out: Path) -> dict[str, Any]:
             f"--resume: no checkpoint in {str(out / FOLDER)!r}: run without --resume to start training"
         )
     path = paths[-1]
+    check_regular_file(path, MAX_CHECKPOINT_BYTES, "training checkpoint (.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from rmt_deploy.basemodel.loading import MASK_GROUPS
 from rmt_deploy.errors import InputError
 from rmt_deploy.training.cache import AUGMENT_VIEWS
 from rmt_deploy.training.data import SUBSAMPLES, resolve_dataset
+from rmt_deploy.training.datasets import check_template
 from rmt_deploy.training.masking import SCORE_INIT, THRESHOLD
 from rmt_deploy.training.precision import DEFAULT_PRECISION, PRECISIONS
 from rmt_deploy.training.prompts import LR as COOP_LR
@@ -19,6 +21,7 @@ from rmt_deploy.training.prompts import N_CTX
 from rmt_deploy.training.recipe import recipe_for
 from rmt_deploy.training.regularizer import SCORE_L2_WEIGHT
 
+MAX_LR = 10.0  # Adam and SGD rates above this are a typo (the paper's is 8e-5)
 CONFIG_VERSION = 2  # 2: `precision` replaced `amp`; lr, epochs and gdr_lambda default to the recipe
 # fields added since version 2 with defaults that reproduce what runs before them did (resume compares them)
 ADDED_DEFAULTS = {"head": ZEROSHOT, "coop_n_ctx": N_CTX, "coop_ctx_init": "", "coop_lr": COOP_LR,
@@ -40,7 +43,7 @@ class TrainConfig:
     pretrained: str | None = None
     task: str | None = None  # default: the dataset (or image folder) name
     template: str | None = None  # prompt template with '{}'; default: the dataset's
-    shots: int = 16  # per class; <= 0 trains on the full train split
+    shots: int = 16  # per class; 0 trains on the full train split
     seed: int = 1
     epochs: int | None = None  # None: 30 (ImageNet 10)
     batch_size: int = 32  # global: split evenly across torchrun ranks
@@ -98,11 +101,20 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Explicit checks with the bad value and the fix; returns the resolved config."""
+        self._check_finite()
         cfg = self.resolved()
         checks = [
+            (cfg.shots >= 0, f"--shots {cfg.shots}: images per class must be 0 (all) or more"),
+            (cfg.seed >= 0, f"--seed {cfg.seed}: must be 0 or more"),
             (cfg.epochs >= 1, f"--epochs {cfg.epochs}: train for at least 1 epoch"),
             (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: must be at least 1"),
-            (cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be positive"),
+            (cfg.eval_batch_size >= 1, f"--eval-batch-size {cfg.eval_batch_size}: must be at least 1"),
+            (cfg.keep_checkpoints >= 0, f"--keep-checkpoints {cfg.keep_checkpoints}: must be 0 (all) or more"),
+            (0 < cfg.lr <= MAX_LR, f"--lr {cfg.lr}: the learning rate must lie in (0, {MAX_LR:g}]"),
+            (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1,
+             f"--adam-beta1 {cfg.adam_beta1} / --adam-beta2 {cfg.adam_beta2}: Adam's betas lie in [0, 1)"),
+            (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be 0 or more"),
+            (cfg.score_l2 >= 0, f"--score-l2 {cfg.score_l2}: must be 0 or more"),
             (0.0 <= cfg.gdr_lambda <= 1.0, f"--gdr-lambda {cfg.gdr_lambda}: must lie in [0, 1]"),
             (cfg.temperature > 0, f"temperature {cfg.temperature}: must be positive"),
             (cfg.workers >= 0, f"--workers {cfg.workers}: must be 0 or more"),
@@ -111,7 +123,7 @@ class TrainConfig:
             (cfg.precision in PRECISIONS, f"--precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}"),
             (cfg.subsample in SUBSAMPLES, f"--subsample {cfg.subsample!r} is not one of {', '.join(SUBSAMPLES)}"),
             (cfg.coop_n_ctx >= 1, f"--coop-n-ctx {cfg.coop_n_ctx}: CoOp needs at least 1 context token (default 16)"),
-            (cfg.coop_lr > 0, f"--coop-lr {cfg.coop_lr}: the learning rate must be positive"),
+            (0 < cfg.coop_lr <= MAX_LR, f"--coop-lr {cfg.coop_lr}: the learning rate must lie in (0, {MAX_LR:g}]"),
             (cfg.tip_views >= 1, f"--tip-views {cfg.tip_views}: average at least 1 view per cache key"),
         ]
         check_kind(cfg.head)
@@ -124,4 +136,15 @@ class TrainConfig:
                              f"choose from {', '.join(MASK_GROUPS)}")
         if cfg.task is not None:
             check_task_name(cfg.task)
+        if cfg.template is not None:
+            check_template(cfg.template)
         return cfg
+
+    def _check_finite(self) -> None:
+        """Every number is a finite int or float (NaN and inf pass comparisons or break them silently)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                raise InputError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")

@@ -19,16 +19,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from rmt_deploy.artifacts.integrity import check_regular_file
 from rmt_deploy.errors import InputError
 from rmt_deploy.training.datasets import (
     COOP_DATASETS,
+    IMAGE_SUFFIXES,
     CoopDataset,
     FewShotData,
     Sample,
     class_folders,
     clean_class_name,
+    distinct_class_names,
     images_in,
     read_classnames,
+    read_list_file,
 )
 from rmt_deploy.training.variants import read_variant
 
@@ -86,11 +90,32 @@ def build_dataset(name: str, root: str | Path, shots: int, seed: int, subsample:
             )
         reader = {"imagenet": _read_imagenet, "fgvc_aircraft": _read_aircraft}.get(key, _read_split_json)
         data = reader(spec, folder)
+        _warn_repeated_names(data)
     train, val = sample_few_shot(data.train, data.val, shots, seed, data)
     data.train, data.val = train, val
     data = subsample_classes(data, subsample)
     _check_files(data)
     return data
+
+
+def check_training_classes(data: FewShotData) -> None:
+    """Before training: every class has training images (InputError naming one that has none)."""
+    empty = sorted(set(range(len(data.class_names))) - {label for _, label in data.train})
+    if empty:
+        raise InputError(f"{len(empty)} class(es) of {data.name} have no training images, e.g. "
+                         f"{data.class_names[empty[0]]!r} (label {empty[0]}): add images for it to the train split, "
+                         "or drop the class")
+
+
+def _warn_repeated_names(data: FewShotData) -> None:
+    """A CoOp dataset's own class list may repeat a name (ImageNet's WordNet names: 'crane' the bird and the
+    machine): a warning, not an error, so a published split runs as is."""
+    first: dict[str, int] = {}
+    for label, name in enumerate(data.class_names):
+        if name in first:
+            warnings.warn(f"{data.name}: labels {first[name]} and {label} share the class name {name!r}; their "
+                          "prompts are the same (as the dataset's class list says)", stacklevel=3)
+        first.setdefault(name, label)
 
 
 def subsample_classes(data: FewShotData, which: str) -> FewShotData:
@@ -146,22 +171,25 @@ def _by_label(samples: Sequence[Sample]) -> dict[int, list[Sample]]:
 
 def _check_files(data: FewShotData) -> None:
     used = data.train + data.val + data.test
-    missing = [str(p) for p, _ in used if not p.is_file()]
+    missing = [str(p) for p, _ in used if not p.exists()]
     if missing:
         raise InputError(
             f"{len(missing)} image(s) listed in the {data.name} split are missing, e.g. {missing[0]!r}: "
             "check --data-root and that the dataset is fully extracted"
         )
+    for path, _ in used:
+        if not path.is_file():  # a directory or a FIFO named like an image: one line naming it
+            check_regular_file(path, None, "image", InputError)
     if not data.test:
         raise InputError(f"dataset {data.name} has no test images")
 
 
 def _load_json(path: Path) -> Any:
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"split file {str(path)!r} not found: download it with the dataset (CoOp layout)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(read_list_file(path, "split (JSON)"))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"split file {str(path)!r} is not valid JSON ({exc})") from None
 
 
@@ -200,17 +228,18 @@ def _contiguous(names: dict[int, str], source: Path) -> list[str]:
 def _read_aircraft(spec: CoopDataset, folder: Path) -> FewShotData:
     """FGVC-Aircraft's own lists: variants.txt and images_variant_{train,val,test}.txt."""
     variants_file = folder / spec.split_file
-    if not variants_file.is_file():
+    if not variants_file.exists():
         raise InputError(f"split file {str(variants_file)!r} not found: download FGVC-Aircraft's data folder")
-    variants = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    variants = [line.strip() for line in read_list_file(variants_file, "variant list (.txt)").splitlines()
+                if line.strip()]
     index = {v: i for i, v in enumerate(variants)}
     parts = {}
     for part in ("train", "val", "test"):
         path = folder / f"images_variant_{part}.txt"
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"split file {str(path)!r} not found: download FGVC-Aircraft's data folder")
         samples = []
-        for line in path.read_text().splitlines():
+        for line in read_list_file(path, "split list (.txt)").splitlines():
             if not line.strip():
                 continue
             image, _, variant = line.strip().partition(" ")
@@ -247,7 +276,8 @@ def _read_imagefolder(root: Path) -> FewShotData:
     """Class folders under root, or train/ [val/] test/ folders of class folders."""
     name = task_name_from(root.name)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        classes = [p.name for p in class_folders(root / "train")]
+        folders = class_folders(root / "train")
+        classes = [p.name for p in folders]
         parts = {}
         for part in ("train", "val", "test"):
             split_dir = root / part
@@ -262,8 +292,14 @@ def _read_imagefolder(root: Path) -> FewShotData:
                 for img in images_in(split_dir / c)
             ]
         train, val, test = parts["train"], parts["val"], parts["test"]
+        empty = sorted(set(range(len(classes))) - {label for _, label in train})
+        if empty:
+            raise InputError(f"class folder {str(folders[empty[0]])!r} has no images "
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))}): every class needs training images "
+                             f"({len(empty)} class(es) have none)")
     else:
-        classes = [p.name for p in class_folders(root)]
+        folders = class_folders(root)
+        classes = [p.name for p in folders]
         if len(classes) < 2:
             raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
         train, val, test = [], [], []
@@ -284,8 +320,7 @@ def _read_imagefolder(root: Path) -> FewShotData:
             test += [(p, label) for p in images[n_train + n_val:]]
     if len(classes) < 2:
         raise InputError(f"{str(root)!r} has {len(classes)} class folder(s): imagefolder needs at least 2")
-    names = [clean_class_name(c) for c in classes]
-    return FewShotData(name, names, IMAGEFOLDER_TEMPLATE, train, val, test)
+    return FewShotData(name, distinct_class_names(folders), IMAGEFOLDER_TEMPLATE, train, val, test)
 
 
 def task_name_from(text: str) -> str:

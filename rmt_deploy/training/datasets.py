@@ -3,11 +3,14 @@ the class-folder and class-name readers every dataset reader builds on (training
 11 datasets and image folders, training.variants for ImageNet's test-only variants)."""
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from rmt_deploy.artifacts.integrity import read_regular_file
 from rmt_deploy.errors import InputError
 
+MAX_LIST_FILE_BYTES = 256 << 20  # a split, class-name or variant list (CoOp's largest, SUN397's, is ~10 MB)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -79,16 +82,53 @@ def clean_class_name(name: str, renames: dict[str, str] | None = None) -> str:
     return (renames or {}).get(name, name).replace("_", " ").lower().strip()
 
 
+def check_template(template: str) -> str:
+    """A prompt template: exactly one '{}' (the class name), no other format field ('{{' / '}}' for braces)."""
+    fix = "write one '{}' where the class name goes, e.g. 'a photo of a {}.' ('{{' and '}}' for literal braces)"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise InputError(f"prompt template {template!r} is not a format string ({exc}): {fix}") from None
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        found = ", ".join("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                          for name, spec, conv in fields) or "none"
+        raise InputError(f"prompt template {template!r} needs exactly one '{{}}' for the class name "
+                         f"(found: {found}): {fix}")
+    return template
+
+
+def distinct_class_names(folders: list[Path]) -> list[str]:
+    """Cleaned class names of class folders; InputError naming both folders when two clean to one name."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        name = clean_class_name(folder.name)
+        if name in seen:
+            raise InputError(f"class folders {str(seen[name])!r} and {str(folder)!r} both become class {name!r} "
+                             "(names are lower-cased, '_' read as a space): rename or merge one of them")
+        seen[name] = folder
+    return list(seen)
+
+
 def read_classnames(path: Path) -> dict[str, str]:
     """CoOp's ImageNet classnames.txt: one '<wnid> <class name>' per line, in file order."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"class name file {str(path)!r} not found: copy CoOp's imagenet/classnames.txt there")
     names = {}
-    for line in path.read_text().splitlines():
+    for line in read_list_file(path, "class name list (.txt)").splitlines():
         wnid, _, cname = line.strip().partition(" ")
         if wnid:
             names[wnid] = cname.strip()
     return names
+
+
+def read_list_file(path: Path, what: str) -> str:
+    """A dataset's text file (split, class names, variants), checked to be a regular file of bounded size."""
+    data = read_regular_file(path, MAX_LIST_FILE_BYTES, what, InputError)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a {what} file") from None
 
 
 def images_in(folder: Path) -> list[Path]:

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from rmt_deploy.artifacts import heads
 from rmt_deploy.artifacts.task_file import TaskPack
-from rmt_deploy.basemodel.loading import BaseModel, fingerprint, load_base
+from rmt_deploy.basemodel.loading import BaseModel, fingerprint, load_base, preprocess_config
 from rmt_deploy.errors import InputError
 from rmt_deploy.training.data import build_dataset
-from rmt_deploy.training.datasets import FewShotData, Sample
+from rmt_deploy.training.datasets import FewShotData, Sample, check_template
 from rmt_deploy.training.distributed import DistContext, resolve_device
-from rmt_deploy.training.loading import ImageDataset, batches
+from rmt_deploy.training.loading import ImageDataset, batches, eval_transform
 from rmt_deploy.training.masking import apply_masks_
 from rmt_deploy.training.precision import DEFAULT_PRECISION, autocast, check_precision, class_logits
 
@@ -24,8 +24,7 @@ from rmt_deploy.training.precision import DEFAULT_PRECISION, autocast, check_pre
 @torch.no_grad()
 def class_head(base: BaseModel, class_names: Sequence[str], template: str, device: torch.device) -> torch.Tensor:
     """L2-normalised text embeddings of template.format(class) for every class: [C, D] float32."""
-    if "{}" not in template:
-        raise InputError(f"prompt template {template!r} has no '{{}}' for the class name")
+    check_template(template)
     text_tower = base.model
     tokens = base.tokenizer([template.format(name) for name in class_names]).to(device)
     return F.normalize(text_tower.encode_text(tokens).float(), dim=-1)
@@ -122,7 +121,8 @@ def evaluate_taskpack(config: EvalConfig) -> EvalResult:
     samples = data.split(config.split)
     if not samples:
         raise InputError(f"split {config.split!r} of {data.name} is empty: choose another --split")
-    loader = make_loader(samples, base.preprocess, config.batch_size, config.workers, dev)
+    loader = make_loader(samples, eval_transform(preprocess_config(base.model)), config.batch_size, config.workers,
+                         dev)
     (correct,), total = count_correct([logits], loader, dev, precision)
     return EvalResult(pack.name, data.name, config.split, correct / total, correct, total, config.zero_shot)
 

@@ -1,4 +1,7 @@
-"""Image files to tensors: the dataset, its seeded sampler and the train augmentation.
+"""Image files to tensors: the dataset, its seeded sampler, the train augmentation and the eval transform.
+
+Images are decoded by the runtime's decoder (RGB first, bounded) and scored through the runtime's
+own eval transform (`eval_transform`), so the accuracy measured here is the accuracy a bundle serves.
 
 Each training sample's augmentation is seeded from (seed, epoch, index), so
 the augmented images of an epoch do not depend on worker count, rank count or
@@ -7,18 +10,35 @@ resuming: a 2-process run sees the same global batches as a 1-process run.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from rmt_deploy.errors import InputError
+from rmt_deploy.runtime.preprocess import ImageTransform
 from rmt_deploy.runtime.preprocess import load_image as read_image_file
 from rmt_deploy.training.datasets import Sample
 
 
 def load_image(path: Path):
-    """An RGB PIL image; an unreadable file raises InputError naming it."""
-    return read_image_file(path).convert("RGB")
+    """An RGB PIL image from the runtime's decoder; an unreadable file raises InputError naming it."""
+    return read_image_file(path)
+
+
+class EvalTransform:
+    """The runtime's eval transform (runtime.preprocess.ImageTransform) returning a torch tensor [3, H, W]."""
+
+    def __init__(self, preprocess: dict[str, Any]) -> None:
+        self.transform = ImageTransform.from_config(SimpleNamespace(**preprocess))
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.from_numpy(self.transform(image))
+
+
+def eval_transform(preprocess: dict[str, Any]) -> EvalTransform:
+    """The eval transform for a base's preprocessing settings (basemodel.loading.preprocess_config)."""
+    return EvalTransform(preprocess)
 
 
 class ImageDataset(torch.utils.data.Dataset):

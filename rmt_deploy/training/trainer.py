@@ -27,14 +27,15 @@ from rmt_deploy.artifacts import heads
 from rmt_deploy.artifacts.staging import write_atomic
 from rmt_deploy.artifacts.task_file import SUFFIX, TaskPack
 from rmt_deploy.basemodel.loading import BaseModel, fingerprint, load_base, maskable_tensors, preprocess_config
+from rmt_deploy.basemodel.mask_groups import check_share
 from rmt_deploy.errors import InputError
 from rmt_deploy.training import cache as tip
 from rmt_deploy.training import checkpoint
 from rmt_deploy.training.config import ADDED_DEFAULTS, CONFIG_VERSION, TrainConfig  # noqa: F401  (public here too)
-from rmt_deploy.training.data import build_dataset, resolve_dataset, task_name_from
+from rmt_deploy.training.data import build_dataset, check_training_classes, resolve_dataset, task_name_from
 from rmt_deploy.training.distributed import DistContext, init_distributed
 from rmt_deploy.training.evaluation import class_head, count_correct, make_loader, sharded
-from rmt_deploy.training.loading import SeededSampler, batches, train_transform
+from rmt_deploy.training.loading import SeededSampler, batches, eval_transform, train_transform
 from rmt_deploy.training.masking import MaskedCLIP
 from rmt_deploy.training.precision import LossScaler, autocast, check_precision
 from rmt_deploy.training.progress import EpochMeter, progress_bar
@@ -127,6 +128,7 @@ class _Run:
         if not self.data.train:
             raise InputError(f"dataset {self.data.name} has no training images (a test-only dataset): train on "
                              "its source dataset, e.g. imagenet, and evaluate on it with rmt-deploy eval")
+        check_training_classes(self.data)
         self.task = cfg.task or task_name_from(self.data.name)
         check_precision(cfg.precision, dist.device)
         if base is None:
@@ -135,7 +137,8 @@ class _Run:
             raise InputError(f"base model {base.model_name!r} does not match --model {cfg.model!r}")
         base.model.to(dist.device).eval()
         self.base = base
-        tensors = maskable_tensors(base.model, cfg.mask_groups)
+        check_share(base.model, cfg.mask_groups, cfg.model)  # refuse groups too small to change the tower
+        tensors = maskable_tensors(base.model, cfg.mask_groups, cfg.model)
         self.fingerprint = fingerprint(cfg.model, tensors)
         self.template = cfg.template or self.data.template
         head = class_head(base, self.data.class_names, self.template, dist.device)
@@ -243,6 +246,11 @@ class _Run:
         elif self.cfg.head in heads.CACHE_KINDS:
             self.cache, self.search = self._build_cache()
 
+    @property
+    def _eval_transform(self) -> Any:
+        """What a bundle of this base serves: the runtime's transform (not open_clip's torch one)."""
+        return eval_transform(preprocess_config(self.base.model))
+
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(images.device, self.cfg.precision):
             return self.model.image_features(images).float()
@@ -262,7 +270,7 @@ class _Run:
         val_samples = self.data.split("val")
         val = None
         if val_samples:
-            val = tip.features(self._encode, make_loader(val_samples, self.base.preprocess, cfg.eval_batch_size,
+            val = tip.features(self._encode, make_loader(val_samples, self._eval_transform, cfg.eval_batch_size,
                                                          cfg.workers, device), device)
         scale = tip.SEARCH_SCALES.get(resolve_dataset(cfg.dataset), tip.DEFAULT_SEARCH_SCALE)
         return tip.build_cache(keys, labels, self.model.head.cpu().numpy(), self.model.logit_scale, val, scale)
@@ -289,7 +297,7 @@ class _Run:
         fns = self._eval_fns()
         for split in ("test", "val"):
             samples = sharded(self.data.split(split), self.dist)
-            loader = make_loader(samples, self.base.preprocess, self.cfg.eval_batch_size, self.cfg.workers,
+            loader = make_loader(samples, self._eval_transform, self.cfg.eval_batch_size, self.cfg.workers,
                                  self.dist.device)
             correct, total = count_correct(list(fns.values()), loader, self.dist.device, self.cfg.precision)
             *correct, total = self.dist.sum_counts(*correct, total)

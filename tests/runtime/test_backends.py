@@ -127,7 +127,7 @@ def test_every_backend_implements_the_whole_contract(name):
     module, cls_name = backends.BACKEND_CLASSES[name]
     cls = getattr(importlib.import_module(module), cls_name)
     methods = [m for m, v in vars(backends.Backend).items() if inspect.isfunction(v) and not m.startswith("_")]
-    assert set(methods) == {"fill_base", "map_base", "prepare", "run", "close"}
+    assert set(methods) == {"fill_base", "prepare", "run", "close"}
     for method in methods:
         assert method in vars(cls), f"{cls_name} does not define {method}"
         want = list(inspect.signature(getattr(backends.Backend, method)).parameters)

@@ -15,7 +15,7 @@ from rmt_deploy.runtime.buffer_pool import BASE, TaskPool, TensorSpec, ZeroSet
 SHAPES = {"a": (6, 5), "b": (7,), "c": (3, 2, 4)}
 
 
-def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0, mapped=False):
+def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0):
     rng = np.random.default_rng(seed)
     base = {k: rng.standard_normal(s).astype(np.float32) + 3 for k, s in SHAPES.items()}
     specs = [TensorSpec(k, s, np.dtype(np.float32), k) for k, s in SHAPES.items()]
@@ -26,9 +26,7 @@ def _setup(capacity: int, tasks=("t0", "t1", "t2"), zeros=0.3, seed=0, mapped=Fa
             reads.append(key)
             out[...] = base[key]
 
-    map_base = (lambda: {k: np.frombuffer(v.tobytes(), np.float32).reshape(v.shape) for k, v in base.items()}) \
-        if mapped else None
-    pool = TaskPool(specs, read_base, capacity, map_base=map_base)
+    pool = TaskPool(specs, read_base, capacity)
     masks = {t: {k: rng.random(s) >= zeros for k, s in SHAPES.items()} for t in tasks}
     return pool, base, masks, reads
 
@@ -52,17 +50,15 @@ def _check(lease, base, masks):
 
 
 @settings(max_examples=40, deadline=None)
-@given(capacity=st.integers(1, 3), order=st.lists(st.sampled_from(["t0", "t1", "t2", "t3"]), max_size=12),
-       mapped=st.booleans())
-def test_every_lease_holds_exactly_its_tasks_masked_weights(capacity, order, mapped):
-    pool, base, masks, reads = _setup(capacity, tasks=("t0", "t1", "t2", "t3"), mapped=mapped)
+@given(capacity=st.integers(1, 3), order=st.lists(st.sampled_from(["t0", "t1", "t2", "t3"]), max_size=12))
+def test_every_lease_holds_exactly_its_tasks_masked_weights(capacity, order):
+    pool, base, masks, reads = _setup(capacity, tasks=("t0", "t1", "t2", "t3"))
     for task in order:
         with _lease(pool, masks, task) as lease:
             assert lease.task == task
             _check(lease, base, masks)
     assert len(pool._slots) <= capacity
-    assert reads == list(SHAPES)  # the base file is read once, into the first buffer
-    assert pool.base_mapped == mapped
+    assert reads == list(SHAPES)  # the base file is read once, into the first buffer, and never again
 
 
 def test_cached_tasks_are_hits_and_lru_is_evicted():
@@ -202,16 +198,6 @@ def test_misses_on_one_buffer_do_not_block_hits_on_another():
     leave.set()
     rewriting.join(30)
     assert sorted(pool.resident()) == ["t0", "t1"]
-
-
-def test_the_base_mapping_must_equal_what_was_read():
-    specs = [TensorSpec("a", (4,), np.dtype(np.float32), "a")]
-
-    def fill(arrays):
-        arrays["a"][...] = 1
-
-    with pytest.raises(ArtifactError, match="changed while the engine loaded it"):
-        TaskPool(specs, fill, 1, map_base=lambda: {"a": np.zeros(4, np.float32)})
 
 
 def _wait_for(condition, seconds: float = 30.0) -> None:

@@ -72,6 +72,16 @@ def test_oversized_images_are_refused_before_decoding():
         protocol.decode_image(_png(2, 2), ImageLimits(max_encoded_bytes=10))
 
 
+def test_a_request_holds_a_bounded_number_of_decoded_pixels():
+    """64 images of 4096 x 4096 would hold 4.3 GB decoded at once; a request is bounded as a whole."""
+    limits = ImageLimits(max_pixels=100, max_request_pixels=250)
+    files = np.array([[_png(10, 10)]] * 3, dtype=object)
+    tasks = np.array([[b"dtd"]] * 3, dtype=object)
+    assert len(protocol.decode_inputs({"task": tasks[:2], "image_bytes": files[:2]}, TASKS, limits)) == 2
+    with pytest.raises(RequestError, match="more than the server's limit of 250 pixels per request"):
+        protocol.decode_inputs({"task": tasks, "image_bytes": files}, TASKS, limits)
+
+
 def test_truncated_png_is_a_request_error():
     with pytest.raises(RequestError, match="cannot be decoded"):
         protocol.decode_image(_png(64, 64)[:60])

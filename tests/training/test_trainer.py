@@ -270,7 +270,8 @@ def _replace(args, option, value):
     ("--mask-groups", "attn,ffn", r"unknown mask group.*ffn"),
     ("--pretrained", "/nonexistent/w.safetensors", "checkpoint file '/nonexistent/w.safetensors' does not exist"),
     ("--device", "tpu", "device 'tpu' is not one of"),
-    ("--template", "no placeholder", "has no '{}' for the class name"),
+    ("--template", "no placeholder", r"needs exactly one '\{\}' for the class name"),
+    ("--template", "{}-{}", r"needs exactly one '\{\}' for the class name \(found: \{\}, \{\}\)"),
 ])
 def test_bad_training_input(option, value, pattern, tiny_checkpoint, coop_root, tmp_path, capsys):
     _fails(_replace(train_args(tiny_checkpoint, coop_root, tmp_path / "out"), option, value), capsys, pattern)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -22,9 +22,6 @@ class Backend(Protocol):
 
     def fill_base(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Write the base values into `arrays` (one per spec key); the sha256 of base_file as read, or None."""
-
-    def map_base(self) -> Mapping[str, np.ndarray] | None:
-        """Read-only arrays of the same values (a file mapping) for the pool to restore from; None: keep a copy."""
 
     def prepare(self, lease: Lease) -> None:
         """Make the lease's weights current now (a device copy or refit), not on the next run."""

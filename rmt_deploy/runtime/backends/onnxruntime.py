@@ -130,10 +130,6 @@ class OrtBackend:
         outs = {self._weights_name(spec): arrays[spec.key] for spec in self.specs}
         return self.weights.read_all_into(outs, self.weights_record)
 
-    def map_base(self) -> dict[str, np.ndarray]:
-        """The base values as read-only arrays over the weights file (the pool's pristine base)."""
-        return self.weights.map({spec.key: self._weights_name(spec) for spec in self.specs})
-
     def prepare(self, lease: Lease) -> None:
         """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU there is nothing to do."""
         if self.kind == "cuda":

@@ -346,10 +346,6 @@ class TensorRTBackend:
             raise InternalError("TensorRT refit failed (see the TensorRT log above)")
         self._active = (lease.slot, lease.generation)
 
-    def map_base(self) -> None:
-        """The pool keeps a host copy of the base (the engine's layout can be a transpose of the file's)."""
-        return None
-
     def prepare(self, lease: Lease) -> None:
         """Refit the engine to the lease's weights now (so a switch is complete when it returns)."""
         self._use_device()

@@ -61,10 +61,6 @@ class TorchBackend:
         for spec in self.specs:
             arrays[spec.key][...] = self.params[spec.key].detach().cpu().numpy()
 
-    def map_base(self) -> None:
-        """No file to map: the pool keeps a copy."""
-        return None
-
     def _activate(self, lease: Lease) -> None:
         if self._active == (lease.slot, lease.generation):
             return
