@@ -1,0 +1,110 @@
+"""Where `Engine.predict`'s time goes on a small tower, against the folded model's plain session.
+
+    python benchmarks/small_model_overhead.py [--model rmt-tiny-vit] [--rounds 30]
+
+One bundle (2 random tasks at 2.5% zeros, shared + folded), batch 1, 2 threads; interleaved
+rounds of 20 calls each, medians. Timed side by side:
+  folded          a plain InferenceSession on the task's folded model (image -> logits)
+  shared-feed     the engine's own session on base.onnx, the masked weights fed as numpy arrays
+  shared-iobind   the same session with every input bound once as an OrtValue (IOBinding)
+  engine.predict  the public call: input checks, task lease, the run, head, softmax
+So shared-feed / folded is what feeding the weights costs ONNX Runtime, and engine.predict /
+shared-feed what the engine adds in Python. Writes results/small_model_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from random_tasks import random_base, random_pack  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "small_model_overhead.json"
+
+
+def build_bundle(model: str, work: Path) -> Path:
+    from rmt_deploy.export import ExportConfig, export_bundle
+
+    base = random_base(model, work)
+    rng = np.random.default_rng(0)
+    paths = [random_pack(base, f"t{i}", rng, 0.025, 10).save(work / f"t{i}.rmtask") for i in range(2)]
+    out = work / "bundle"
+    export_bundle(ExportConfig(model, str(base.checkpoint), task_paths=paths, out=out, target="onnx",
+                               mode="both", max_batch=8), progress=False)
+    return out
+
+
+def contenders(bundle: Path, threads: int) -> dict:
+    import onnxruntime as ort
+
+    from rmt_deploy import Engine
+    from rmt_deploy.artifacts.bundle import EMBEDDING_OUTPUT, IMAGE_INPUT, LOGITS_OUTPUT, Bundle
+
+    opened = Bundle.open(bundle)
+    size = opened.manifest.preprocess.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    image = np.random.default_rng(1).standard_normal((1, 3, height, width)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    folded = ort.InferenceSession(str(opened.folded_path("t0")), options, providers=["CPUExecutionProvider"])
+    engine = Engine.load(bundle, task="t0", threads=threads)
+    session = engine._backend.session  # the engine's own session on base.onnx
+    lease = engine._pool.acquire("t0", lambda: engine._store.zeros("t0"))  # held for the whole run
+    feeds = {**lease.arrays, IMAGE_INPUT: image}
+    binding = session.io_binding()
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+    for key, value in values.items():
+        binding.bind_ortvalue_input(key, value)
+    binding.bind_output(EMBEDDING_OUTPUT, "cpu")
+    return {
+        "folded": lambda: folded.run([LOGITS_OUTPUT], {IMAGE_INPUT: image}),
+        "shared-feed": lambda: session.run([EMBEDDING_OUTPUT], feeds),
+        "shared-iobind": lambda: session.run_with_iobinding(binding),
+        "engine.predict": lambda: engine.predict(image),
+    }, {"masked_tensors": len(lease.arrays), "masked_bytes": int(sum(a.nbytes for a in lease.arrays.values()))}
+
+
+def measure(fns: dict, rounds: int, calls: int = 20) -> dict[str, float]:
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rmt-tiny-vit")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        fns, sizes = contenders(build_bundle(args.model, Path(work)), args.threads)
+        medians = measure(fns, args.rounds)
+    folded = medians["folded"]
+    result = {"model": args.model, "batch": 1, "threads": args.threads, "rounds": args.rounds, **sizes,
+              "median_ms": medians, "ratio_to_folded": {k: v / folded for k, v in medians.items()},
+              "engine_python_ms": medians["engine.predict"] - medians["shared-feed"],
+              "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version()}}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    for name, value in medians.items():
+        print(f"{name:16} {value:8.4f} ms  {value / folded:.3f}x")
+    print(f"engine's own work per call: {result['engine_python_ms']:.4f} ms; wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
