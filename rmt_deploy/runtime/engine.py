@@ -11,7 +11,7 @@ at load, read and verified at first use, kept encoded (cold) or decoded within
 `warm_bytes` (warm). Logits are computed here in numpy from the shared embedding and
 the task's head. No torch import on this path.
 
-Bundle files changing under a live engine (issue #24): the manifest, the base graph and the base
+Bundle files changing under a live engine: the manifest, the base graph and the base
 weights are read once at load and never again (no file stays mapped), so a later change,
 truncation or deletion of them changes nothing: the engine answers as loaded. A task file is
 read at the task's first use and checked against the size and sha256 the manifest had at

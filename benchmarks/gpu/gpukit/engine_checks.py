@@ -81,3 +81,15 @@ def latency(engine: Any, reference: Callable[[str, np.ndarray], np.ndarray], tas
         e, r = median(times["engine"]), median(times["reference"])
         out[f"batch_{n}"] = {"engine_ms": e, "reference_ms": r, "ratio": e / r}
     return out
+
+
+def versus_folded(reference: Callable[[str, np.ndarray], np.ndarray], a: str, b: str, batch: np.ndarray,
+                  max_batch: int, reps: int, tol: float, what: str,
+                  log: Callable[[str], None]) -> Callable[[Any], tuple[dict, list[str]]]:
+    """The `then` of `switching` for a check against folded models: logits over A -> B -> A, then latency."""
+    def compare(engine: Any) -> tuple[dict, list[str]]:
+        checked, bad = against(engine, reference, [a, b, a], batch, tol, tol, what)
+        log(f"vs {what}: {checked}")
+        return {"vs_folded": checked, "predict": latency(engine, reference, a, batch, [1, max_batch], reps)}, bad
+
+    return compare

@@ -12,7 +12,7 @@ from gpukit import assets, engine_checks
 from gpukit.common import FAIL, PASS, SKIPPED, Context, import_error, result, size_text
 
 CUDA_EP = "CUDAExecutionProvider"
-RTOL = ATOL = 1e-3  # tests/runtime/test_gpu.py's tolerance for ORT CUDA against ORT CPU
+RTOL = 1e-3  # tests/runtime/test_gpu.py's tolerance for ORT CUDA against ORT CPU
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -44,12 +44,7 @@ def run(ctx: Context) -> dict[str, Any]:
     def load(cache_tasks: int) -> Engine:
         return Engine.load(root, backend="onnxruntime", device=ctx.device, cache_tasks=cache_tasks)
 
-    def compare(engine: Engine) -> tuple[dict, list[str]]:
-        checked, bad = engine_checks.against(engine, reference, [a, b, a], batch, RTOL, ATOL, "the folded model")
-        ctx.log(f"vs the folded model: {checked}")
-        return {"vs_folded": checked,
-                "predict": engine_checks.latency(engine, reference, a, batch, [1, max_batch], ctx.reps)}, bad
-
+    compare = engine_checks.versus_folded(reference, a, b, batch, max_batch, ctx.reps, RTOL, "the folded model", ctx.log)
     figures, failures = engine_checks.switching(load, a, b, batch, ctx.reps, then=compare)
     figures.update(model=ctx.model, masked_weights=count, masked_mb=nbytes / 1e6, max_batch=max_batch,
                    version=ort.__version__, providers=providers,

@@ -14,7 +14,7 @@ import numpy as np
 from gpukit import assets, engine_checks
 from gpukit.common import FAIL, PASS, SKIPPED, Context, import_error, result
 
-RTOL = ATOL = 1e-3  # tests/runtime/test_gpu.py's tolerance: refit engine against the folded engine
+RTOL = 1e-3  # tests/runtime/test_gpu.py's tolerance: refit engine against the folded engine
 
 
 class FoldedEngine:
@@ -81,12 +81,7 @@ def run(ctx: Context) -> dict[str, Any]:
     def load(cache_tasks: int) -> Engine:
         return Engine.load(root, backend="tensorrt", device="cuda", cache_tasks=cache_tasks)
 
-    def compare(engine: Engine) -> tuple[dict, list[str]]:
-        checked, bad = engine_checks.against(engine, reference, [a, b, a], batch, RTOL, ATOL, "the folded engine")
-        ctx.log(f"vs the folded engine: {checked}")
-        return {"vs_folded": checked,
-                "predict": engine_checks.latency(engine, reference, a, batch, [1, max_batch], ctx.reps)}, bad
-
+    compare = engine_checks.versus_folded(reference, a, b, batch, max_batch, ctx.reps, RTOL, "the folded engine", ctx.log)
     figures, failures = engine_checks.switching(load, a, b, batch, ctx.reps, then=compare)
     figures.update(model=model, masked_weights=count, masked_mb=nbytes / 1e6, max_batch=max_batch,
                    version=str(trt.__version__), engines=bundle.manifest.files.get("tensorrt"),
