@@ -1,6 +1,7 @@
 """Random bases and tasks for the benchmarks (no weights can be downloaded here).
 
     base = random_base("ViT-B-16", work)          # seeded random weights saved as a checkpoint
+    base = random_base("convnext_tiny", work, groups=("mlp", "conv"))   # other mask groups (docs/families.md)
     pack = random_pack(base, "task0", np.random.default_rng(0), zeros=0.025, classes=47)
 
 Needs torch for `random_base`; the packs are plain TaskPacks.
@@ -25,17 +26,19 @@ class RandomBase:
     embed_dim: int
 
 
-def random_base(model_name: str, work: Path, seed: int = 0, checkpoint: str = "base.safetensors") -> RandomBase:
+def random_base(model_name: str, work: Path, seed: int = 0, checkpoint: str = "base.safetensors",
+                groups: tuple[str, ...] = ("attn",)) -> RandomBase:
+    """Random weights seeded by `seed`; the tasks mask the tensors of mask `groups`."""
     import torch
 
-    from rmt_deploy.basemodel.loading import fingerprint, load_base, maskable_tensors, save_checkpoint
+    from rmt_deploy.basemodel.loading import embed_dim, fingerprint, load_base, maskable_tensors, save_checkpoint
 
     torch.manual_seed(seed)
     base = load_base(model_name, None)
     saved = save_checkpoint(base.model, work / checkpoint)
-    tensors = maskable_tensors(base.model)
+    tensors = maskable_tensors(base.model, groups, model_name)
     return RandomBase(model_name, saved, {n: tuple(t.shape) for n, t in tensors.items()},
-                      fingerprint(model_name, tensors), base.model.visual.output_dim)
+                      fingerprint(model_name, tensors), embed_dim(base.model))  # timm towers record no output_dim
 
 
 def unit_rows(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -61,15 +64,15 @@ def random_pack(base: RandomBase, name: str, rng: np.random.Generator, zeros: fl
 
 
 def random_bundle(model_name: str, work: Path, names: list[str], zeros: float, classes: Callable[[int], int],
-                  exported: list[str] | None = None, **export: Any) -> Path:
-    """work/bundle (made once): a random base, one pack per name (seeded by its index) saved under
-    work/tasks, and the bundle exported with `exported` (default: all of them) and `export` options."""
+                  exported: list[str] | None = None, groups: tuple[str, ...] = ("attn",), **export: Any) -> Path:
+    """work/bundle (made once): a random base masked in `groups`, one pack per name (seeded by its index) saved
+    under work/tasks, and the bundle exported with `exported` (default: all of them) and `export` options."""
     bundle = work / "bundle"
     if (bundle / "manifest.json").is_file():
         return bundle
     from rmt_deploy.export import ExportConfig, export_bundle
 
-    base = random_base(model_name, work)
+    base = random_base(model_name, work, groups=groups)
     (work / "tasks").mkdir(exist_ok=True)
     paths = {name: random_pack(base, name, np.random.default_rng(index), zeros, classes(index))
              .save(work / "tasks" / f"{name}.rmtask") for index, name in enumerate(names)}

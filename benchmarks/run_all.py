@@ -1,6 +1,6 @@
-"""Run every large-model benchmark in turn (ViT-B-16, CPU); each writes benchmarks/results/.
+"""Run every large-model benchmark in turn (ViT-B-16, CPU; edge: six tower families); each writes benchmarks/results/.
 
-    .venv/bin/python benchmarks/run_all.py [--only codec,export,train,runtime,bench,heads]
+    .venv/bin/python benchmarks/run_all.py [--only codec,export,train,runtime,bench,heads,edge]
 
 Run them on a quiet machine: they take tens of minutes on 2 cores.
 """
@@ -20,6 +20,7 @@ SCRIPTS = {
     "runtime": ["runtime.py"],
     "bench": ["bench_bundle.py"],
     "heads": ["heads.py"],
+    "edge": ["edge_models.py"],
 }
 
 

@@ -1,15 +1,16 @@
 """Where `Engine.predict`'s time goes on a small tower, against the folded model's plain session.
 
-    python benchmarks/small_model_overhead.py [--model rmt-tiny-vit] [--rounds 30]
+    python benchmarks/small_model_overhead.py [--model rmt-tiny-vit] [--groups attn] [--rounds 30]
 
 One bundle (2 random tasks at 2.5% zeros, shared + folded), batch 1, 2 threads; interleaved
 rounds of 20 calls each, medians. Timed side by side:
   folded          a plain InferenceSession on the task's folded model (image -> logits)
   shared-feed     the engine's own session on base.onnx, the masked weights fed as numpy arrays
   shared-iobind   the same session with every input bound once as an OrtValue (IOBinding)
+  backend.run     the engine's CPU run: the slot's cached binding, only the image bound per call
   engine.predict  the public call: input checks, task lease, the run, head, softmax
 So shared-feed / folded is what feeding the weights costs ONNX Runtime, and engine.predict /
-shared-feed what the engine adds in Python. Writes results/small_model_overhead.json.
+backend.run what the engine adds in Python. Writes results/small_model_overhead[-MODEL].json.
 """
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from random_tasks import random_base, random_pack  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "small_model_overhead.json"
+RESULTS = Path(__file__).parent / "results"
 
 
-def build_bundle(model: str, work: Path) -> Path:
+def build_bundle(model: str, work: Path, groups: tuple[str, ...] = ("attn",)) -> Path:
     from rmt_deploy.export import ExportConfig, export_bundle
 
-    base = random_base(model, work)
+    base = random_base(model, work, groups=groups)
     rng = np.random.default_rng(0)
     paths = [random_pack(base, f"t{i}", rng, 0.025, 10).save(work / f"t{i}.rmtask") for i in range(2)]
     out = work / "bundle"
@@ -68,16 +69,22 @@ def contenders(bundle: Path, threads: int) -> dict:
         "folded": lambda: folded.run([LOGITS_OUTPUT], {IMAGE_INPUT: image}),
         "shared-feed": lambda: session.run([EMBEDDING_OUTPUT], feeds),
         "shared-iobind": lambda: session.run_with_iobinding(binding),
+        "backend.run": lambda: engine._backend.run(image, lease),
         "engine.predict": lambda: engine.predict(image),
     }, {"masked_tensors": len(lease.arrays), "masked_bytes": int(sum(a.nbytes for a in lease.arrays.values()))}
 
 
 def measure(fns: dict, rounds: int, calls: int = 20) -> dict[str, float]:
+    """Median ms per call of each contender over interleaved rounds of `calls` calls. Each block starts
+    with one untimed call: a session's intra-op threads spin for a while after its run, so the first
+    call after another session's block competes with them for the cores; the untimed call absorbs that
+    (without it, whichever contender follows another session's block in the cycle is timed slower)."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(rounds):
         for name, fn in fns.items():
+            fn()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -88,22 +95,27 @@ def measure(fns: dict, rounds: int, calls: int = 20) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="rmt-tiny-vit")
+    parser.add_argument("--groups", default="attn", help="mask groups, comma-separated (docs/families.md)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        fns, sizes = contenders(build_bundle(args.model, Path(work)), args.threads)
+        groups = tuple(args.groups.split(","))
+        fns, sizes = contenders(build_bundle(args.model, Path(work), groups), args.threads)
         medians = measure(fns, args.rounds)
     folded = medians["folded"]
-    result = {"model": args.model, "batch": 1, "threads": args.threads, "rounds": args.rounds, **sizes,
+    result = {"model": args.model, "groups": args.groups, "batch": 1, "threads": args.threads,
+              "rounds": args.rounds, **sizes,
               "median_ms": medians, "ratio_to_folded": {k: v / folded for k, v in medians.items()},
-              "engine_python_ms": medians["engine.predict"] - medians["shared-feed"],
+              "engine_python_ms": medians["engine.predict"] - medians["backend.run"],
               "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version()}}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / ("small_model_overhead.json" if args.model == "rmt-tiny-vit" else
+                      f"small_model_overhead-{args.model}.json")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     for name, value in medians.items():
         print(f"{name:16} {value:8.4f} ms  {value / folded:.3f}x")
-    print(f"engine's own work per call: {result['engine_python_ms']:.4f} ms; wrote {RESULTS}")
+    print(f"engine's own work per call: {result['engine_python_ms']:.4f} ms; wrote {path}")
 
 
 if __name__ == "__main__":

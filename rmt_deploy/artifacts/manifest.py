@@ -156,7 +156,7 @@ class Preprocess:
     image_size: list[int] = checked(array(integer(1, 2048), 2, 2))
     mean: list[float] = checked(array(number(-10.0, 10.0), 3, 3))
     std: list[float] = checked(array(number(1e-6, 10.0), 3, 3))
-    interpolation: str = checked(text(choices=("bicubic", "bilinear", "nearest")), default="bicubic")
+    interpolation: str = checked(text(choices=("bicubic", "bilinear", "random")), default="bicubic")
     resize_mode: str = checked(text(choices=("shortest", "longest", "squash")), default="shortest")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -22,7 +23,7 @@ from rmt_deploy.basemodel.checkpoint_files import (
     save_weights,
 )
 from rmt_deploy.basemodel.mask_groups import MASK_GROUPS, select  # noqa: F401  (MASK_GROUPS public here too)
-from rmt_deploy.errors import InputError, InternalError, require
+from rmt_deploy.errors import InputError, InternalError, MissingDependencyError, require
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_PREPROCESS = CONFIG_DIR / "preprocess.json"  # eval preprocessing of our configs (not a model config)
@@ -33,14 +34,25 @@ _TAG_PREPROCESS = ("mean", "std", "interpolation", "resize_mode")
 
 @dataclass
 class BaseModel:
-    """A loaded open_clip model with its eval transform and tokenizer."""
+    """A loaded open_clip model with its eval transform; its tokenizer is made at first use (SigLIP's needs
+    `transformers` and Hugging Face files, which masking, export and benchmarks never need)."""
 
     model: Any
     preprocess: Callable
-    tokenizer: Callable
     model_name: str
     pretrained: str | None
     quick_gelu: bool = False  # the activation built (recorded in TaskPacks and bundles)
+
+    @cached_property
+    def tokenizer(self) -> Callable:
+        try:
+            return _open_clip().get_tokenizer(self.model_name)
+        except Exception as exc:  # noqa: BLE001 - a missing package or tokenizer file, whichever open_clip hit
+            reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise MissingDependencyError(
+                f"{self.model_name}'s tokenizer cannot be made ({type(exc).__name__}: {reason}); "
+                "SigLIP and other Hugging Face tokenizers need `pip install transformers` and the tokenizer "
+                "files in the Hugging Face cache") from None
 
 
 def _open_clip():
@@ -181,8 +193,7 @@ def load_base(model_name: str, pretrained: str | None = None, device: str = "cpu
         raise InternalError(f"{model_name} was built with quick_gelu={not act}, asked for {act}")
     model.eval()
     reparameterize_(model)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return BaseModel(model, preprocess, tokenizer, model_name, pretrained, act)
+    return BaseModel(model, preprocess, model_name, pretrained, act)
 
 
 def _create(open_clip: Any, model_name: str, weights: Weights, quick_gelu: bool, device: str) -> tuple[Any, Any]:

@@ -12,7 +12,7 @@ from rmt_deploy.basemodel.loading import (  # noqa: E402
     preprocess_config,
     save_checkpoint,
 )
-from rmt_deploy.errors import InputError  # noqa: E402
+from rmt_deploy.errors import InputError, MissingDependencyError  # noqa: E402
 
 TINY_MODEL = "rmt-tiny-vit"
 
@@ -111,3 +111,20 @@ def test_damaged_checkpoint_files_are_input_errors(tmp_path, tiny_checkpoint, na
     path.write_bytes(content if content is not None else tiny_checkpoint.read_bytes()[:5000])
     with pytest.raises(InputError, match=f"cannot load {TINY_MODEL} weights from .*{name}"):
         load_base(TINY_MODEL, str(path))
+
+
+def test_a_tokenizer_that_cannot_be_made_fails_only_where_text_is_needed(monkeypatch):
+    """SigLIP's tokenizer needs transformers and Hugging Face files: loading a base for masking, export or
+    benchmarks must not need it; asking for the tokenizer then is one line naming the fix."""
+    open_clip = pytest.importorskip("open_clip")
+
+    def no_transformers(name):
+        raise ModuleNotFoundError("No module named 'transformers'")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", no_transformers)
+    base = load_base("rmt-tiny-vit", None)
+    assert base.model.visual is not None
+    with pytest.raises(MissingDependencyError, match=r"rmt-tiny-vit's tokenizer cannot be made \(ModuleNotFoundError"
+                                                     r".*pip install transformers") as info:
+        base.tokenizer
+    assert "\n" not in str(info.value)

@@ -135,7 +135,7 @@ def test_non_finite_logits_are_never_returned(engine, monkeypatch):
         out[-1] = np.nan
         return out
 
-    monkeypatch.setattr(engine, "embed", nan_embeddings)
+    monkeypatch.setattr(engine, "_embed", nan_embeddings)
     monkeypatch.setattr(engine, "_head_math", lambda head: type("M", (), {"logits": staticmethod(lambda e: e)})())
     with pytest.raises(ArtifactError, match=r"task 'alpha': non-finite logits for image\(s\) 1"):
         engine.predict([np.zeros((4, 4, 3), np.uint8)] * 2)

@@ -85,3 +85,26 @@ def test_unreadable_or_missing_image_file_names_the_file(tmp_path):
         load_image(broken)
     with pytest.raises(InputError, match="does not exist"):
         load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("field, value", [("interpolation", v) for v in ("bicubic", "bilinear", "random", "nearest")]
+                         + [("resize_mode", v) for v in ("shortest", "longest", "squash", "crop")])
+def test_the_manifest_accepts_exactly_the_settings_the_runtime_applies(field, value):
+    """A bundle whose preprocessing the manifest accepts must load; one it refuses, the runtime refuses too."""
+    from rmt_deploy.artifacts.manifest import Preprocess, record
+    from rmt_deploy.errors import ArtifactError
+
+    data = {"image_size": [32, 32], "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
+            "resize_mode": "shortest", field: value}
+    try:
+        record(Preprocess, "preprocess", data)
+        manifest_ok = True
+    except ArtifactError:
+        manifest_ok = False
+    try:
+        ImageTransform((32, 32), MEAN, STD, **{field: value})
+        runtime_ok = True
+    except InputError:
+        runtime_ok = False
+    assert manifest_ok == runtime_ok, f"{field}={value!r}: manifest {manifest_ok}, runtime {runtime_ok}"
+    assert manifest_ok == (value not in ("nearest", "crop"))

@@ -134,7 +134,7 @@ def test_onnxruntime_failures_at_run_time_name_the_bundle_file(onnx_bundle, imag
     with Engine.load(onnx_bundle, threads=1) as engine:
         def broken(*args, **kwargs):
             raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul")
-        monkeypatch.setattr(engine._backend.session, "run", broken)
+        monkeypatch.setattr(engine._backend.session, "run_with_iobinding", broken)  # the CPU run path
         with pytest.raises(ArtifactError, match=r"base\.onnx: ONNX Runtime failed to run it .*inspect"):
             engine.predict(images)
 
