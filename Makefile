@@ -20,8 +20,9 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(DEMO_STAMP)
 
+# one worker per core; tests of one xdist group (tests/conftest.py: Ray, tower families) share a worker
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 demo: $(DEMO_STAMP)
 	$(BIN)/rmt-deploy demo

@@ -1,16 +1,38 @@
 """Shared fixtures: a tiny open_clip base saved as a local checkpoint, task packs on it, bundles holding them
-(exported once per configuration per session by make_bundle), and the torch reference."""
+(exported once per configuration per session by make_bundle), and the torch reference; and the tower
+families (tests/families.py: `family(model)` trains and exports each family once per session)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker for torch and BLAS (see XDIST_GROUPS below)
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 TINY_MODEL = "rmt-tiny-vit"
+
+
+def _load_families():
+    """tests/families.py as the module `rmt_test_families`, once (test modules import it by that name)."""
+    name = "rmt_test_families"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("families.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+FAMILY_HELPERS = _load_families()
 
 
 @pytest.fixture(scope="session")
@@ -218,3 +240,39 @@ def other_bundle(tmp_path_factory) -> Path:
     export.export_bundle(export.ExportConfig(TINY_MODEL, str(checkpoint), task_paths=paths, out=out, target="onnx",
                                              mode="both", max_batch=4), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory) -> Path:
+    """An image-folder dataset: 3 classes x 8 images (the loader splits it into train/val/test)."""
+    return FAMILY_HELPERS.write_dataset(tmp_path_factory.mktemp("families_data") / "patterns")
+
+
+@pytest.fixture(scope="session")
+def family(folder_root, tmp_path_factory):
+    """family(model) -> the tests/families.py Family of a tiny tower (FAMILIES: timm ViT, MobileCLIP2,
+    ConvNeXt, ModifiedResNet): its checkpoint, tasks a and b trained through the CLI, a shared + folded
+    bundle of them (read it, never change it: copy_bundle gives a copy), built at first use per session."""
+    pytest.importorskip("timm")
+    pytest.importorskip("onnxruntime")
+    built: dict = {}
+
+    def get(model: str):
+        if model not in built:
+            built[model] = FAMILY_HELPERS.Family(model, folder_root, tmp_path_factory.mktemp(model))
+        return built[model]
+    return get
+
+
+# `make test` runs the suite on every core (pytest-xdist, --dist loadgroup) and each module in one worker, so
+# module fixtures (a server, a trained demo) are made once. Some modules share a group: every Ray module
+# uses the machine's one local Ray cluster at a time, and the family tests share the session's trained tiny
+# towers (built once, not once per worker). A worker runs torch and BLAS on one thread: two processes each
+# spinning two OpenMP threads on two cores slowed training fixtures 15x.
+XDIST_GROUPS = {"test_ray_": "ray", "test_edge_families": "families", "test_family_": "families"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((g for prefix, g in XDIST_GROUPS.items() if item.path.name.startswith(prefix)), None)
+        item.add_marker(pytest.mark.xdist_group(group or str(item.path)))

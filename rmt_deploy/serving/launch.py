@@ -41,6 +41,21 @@ def check_port_free(host: str, port: int, option: str) -> None:
             raise InputError(f"{option} {port} on {host} is not free ({exc.strerror}); pick another port") from None
 
 
+def _check_started(server: "TritonServer", workers: dict[int, str], instances: int) -> None:
+    """ServerError (after stopping Triton) when fewer model workers run than the model has instances.
+
+    Triton says ready once every instance's worker has started, so a missing one died between ready
+    and this look (a client that saw ready first can be sending it requests already): its pid is a
+    zombie child of tritonserver's while Triton has not reaped it."""
+    if len(workers) >= instances:
+        return
+    gone = server.exited_children()
+    server.stop(timeout=5)
+    pid = f"pid {gone[0]}, " if gone else ""
+    raise ServerError(f"a model worker of tritonserver died ({pid}{instances - len(workers)} of {instances}); "
+                      "the server was stopped so that its supervisor restarts it")
+
+
 def _check_workers(server: "TritonServer", workers: dict[int, str]) -> None:
     """ServerError (after stopping Triton) when a model worker has died."""
     dead = server.dead_workers(workers)
@@ -75,6 +90,7 @@ def serve_bundle(bundle_path: Path, ports: Ports, config: ServingConfig, drain_t
                        f"'{config.model_name}': http {server.url}, grpc {ports.host}:{ports.grpc}, "
                        f"metrics :{ports.metrics}/metrics; Ctrl-C or SIGTERM to stop")
             workers = server.model_workers()
+            _check_started(server, workers, config.instances)  # one may have died before this look
             while not stop.is_set() and server.process.poll() is None:
                 _check_workers(server, workers)
                 stop.wait(0.5)

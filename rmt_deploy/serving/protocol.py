@@ -12,7 +12,8 @@ Triton tensors with a batch dimension do:
              embedding    FP32  [N, D]        the L2-normalised image embedding under the task
 
 `decode_inputs` validates one request before anything is allocated for it and raises an
-RmtError naming the problem (RequestError, or UnknownTaskError listing the tasks);
+RmtError naming the problem (RequestError, or UnknownTaskError listing the tasks; with
+ServedTasks, one saying so when the task was added to the bundle after the server loaded it);
 `group_by_task` splits a batch of samples by task, keeping order; `encode_outputs` turns
 an Engine Prediction into the outputs above. `inputs_from_json` / `response_to_json`
 read and write the KServe v2 JSON body for HTTP ingresses that are not Triton.
@@ -20,18 +21,20 @@ read and write the KServe v2 JSON body for HTTP ingresses that are not Triton.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from rmt_deploy.errors import InputError, UnknownTaskError
+from rmt_deploy.errors import InputError, RmtError, UnknownTaskError
 from rmt_deploy.runtime import image_decode
 
 __all__ = [
     "TASK", "IMAGE", "IMAGE_BYTES", "LABELS", "PROBS", "INDEX", "EMBEDDING", "INPUTS", "OUTPUTS",
-    "RequestError", "ImageLimits", "Sample", "decode_inputs", "group_by_task", "encode_outputs",
+    "RequestError", "ImageLimits", "Sample", "ServedTasks", "decode_inputs", "group_by_task", "encode_outputs",
     "tensor_from_json", "tensor_to_json", "inputs_from_json", "response_to_json",
 ]
 
@@ -70,6 +73,68 @@ class Sample:
     image: np.ndarray | Image.Image
 
 
+class ServedTasks(Collection[str]):
+    """The tasks a server loaded from its bundle (a set of names), and what explains a request for
+    another one: the bundle on disk now, consulted on the failure paths only (a request for a task
+    not served, a served task whose file is gone), never on the way of a good request.
+
+    The bundle's manifest is re-read only when its file changed (size, inode, times), so a client
+    that keeps naming unknown tasks costs a stat per request."""
+
+    def __init__(self, names: Collection[str], bundle_root: str | os.PathLike):
+        self._names = frozenset(names)
+        self.root = Path(bundle_root)
+        self._seen: tuple[tuple[int, ...], list[str] | None] | None = None  # (manifest stat, tasks on disk)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def on_disk(self) -> list[str] | None:
+        """The bundle's tasks as its manifest lists them now (None if it cannot be read)."""
+        from rmt_deploy.artifacts.bundle import MANIFEST, Bundle
+
+        try:
+            info = os.stat(self.root / MANIFEST)
+        except OSError:
+            return None
+        signature = (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        seen = self._seen
+        if seen is not None and seen[0] == signature:
+            return seen[1]
+        try:
+            tasks: list[str] | None = Bundle.open(self.root).tasks
+        except (RmtError, OSError):
+            tasks = None
+        self._seen = (signature, tasks)
+        return tasks
+
+    def unknown(self, name: str) -> UnknownTaskError:
+        """The error for a request naming `name`, a task this server does not serve."""
+        now = self.on_disk()
+        if now is not None and name in now:
+            return UnknownTaskError(f"task {name[:200]!r} not served: it was added to bundle {self.root} after "
+                                    f"the server loaded it; restart the server to serve it "
+                                    f"(served: {_names(self)})")
+        return UnknownTaskError(f"task {name[:200]!r} not served (available: {_names(self)})")
+
+    def explain(self, name: str, error: Exception) -> Exception:
+        """`error` (a served task failed), or what explains it: the task was removed from the bundle
+        after the server loaded it."""
+        if name in self._names and isinstance(error, UnknownTaskError):
+            now = self.on_disk()
+            if now is not None and name not in now:
+                return UnknownTaskError(f"task {name!r} was removed from bundle {self.root} after the server "
+                                        f"loaded it; restart the server to serve the bundle as it is now "
+                                        f"(tasks now: {', '.join(now[:20]) or 'none'})")
+        return error
+
+
 # ---------------------------------------------------------------- requests
 
 def decode_inputs(inputs: Mapping[str, np.ndarray | None], tasks: Collection[str],
@@ -77,7 +142,8 @@ def decode_inputs(inputs: Mapping[str, np.ndarray | None], tasks: Collection[str
     """Validate and decode one request's input tensors (name -> array with a batch dimension).
 
     Raises RequestError for a missing, extra, mistyped, misshaped, empty, oversized or undecodable
-    input, UnknownTaskError for a task the server does not hold (naming the ones it does)."""
+    input, UnknownTaskError for a task the server does not hold (naming the ones it does; when
+    `tasks` is a ServedTasks, saying so if the task was added to the bundle after the server loaded it)."""
     given = {name: array for name, array in inputs.items() if array is not None}
     extra = sorted(set(given) - set(INPUTS))
     if extra:
@@ -133,6 +199,8 @@ def _task_names(array: np.ndarray, tasks: Collection[str], limits: ImageLimits) 
         except UnicodeDecodeError:
             raise RequestError(f"task {raw[:64]!r} is not UTF-8 text (available: {_names(tasks)})") from None
         if name not in tasks:
+            if isinstance(tasks, ServedTasks):
+                raise tasks.unknown(name)
             raise UnknownTaskError(f"task {name[:200]!r} not served (available: {_names(tasks)})")
         names.append(name)
     return names

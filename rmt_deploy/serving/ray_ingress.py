@@ -52,7 +52,7 @@ class KServeIngress:
         self._config = cfg = RayServeConfig.from_dict(config)
         self._handles = list(replicas) if isinstance(replicas, (list, tuple)) else [replicas]
         bundle = Bundle.open(cfg.bundle)  # the manifest only: task names and sizes for validation
-        self._tasks = frozenset(bundle.tasks)
+        self._tasks = protocol.ServedTasks(bundle.tasks, bundle.root)
         self._embed_dim = int(bundle.manifest.embed_dim)
         self._limits = protocol.ImageLimits(max_pixels=cfg.max_image_pixels)
         self._turn = itertools.count()

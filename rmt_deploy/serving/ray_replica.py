@@ -45,6 +45,7 @@ class TaskReplica:
         self._node = ray.get_runtime_context().get_node_id()
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "samples": 0, "resident_hits": 0, "loads": 0, "errors": 0, "ongoing": 0}
+        self._served = protocol.ServedTasks(self._engine.tasks, self._engine.bundle.root)
         self._max_resident = len(self._engine.resident_tasks)
         self._started = time.time()
         # the loader as a plain closure (Serve keeps its LRU on the function), so
@@ -82,7 +83,7 @@ class TaskReplica:
             reply: dict[str, Any] = {"outputs": outputs}
         except RmtError as exc:
             self._count("errors")
-            reply = {"error": str(exc)}
+            reply = {"error": str(self._served.explain(task, exc))}  # removed from the bundle since load?
         finally:
             self._count("ongoing", -1)
         resident = self._engine.resident_tasks

@@ -4,7 +4,8 @@ Triton's dynamic batcher hands `execute` a list of requests, possibly of differe
 image sizes (the `image` input allows ragged batches). Each request is decoded on its own
 (serving.protocol); a bad one gets its own error response. The good samples are grouped by
 task, each group runs once on its task's weights (engine.predict), and every request is
-answered in order with its own rows, so a result never depends on its batch-mates.
+answered in order with its own rows, so a result never depends on its batch-mates. A request
+for a task added to (or removed from) the bundle after load says so (protocol.ServedTasks).
 Model parameters (config.pbtxt): bundle, top_k, cache_tasks, threads, backend, max_image_pixels.
 Runs inside Triton's stub process: `triton_python_backend_utils` is importable only there.
 """
@@ -51,7 +52,7 @@ class TritonPythonModel:
         self.engine = Engine.load(bundle_path(params["bundle"], args), backend=params.get("backend") or "auto",
                                   cache_tasks=int(params.get("cache_tasks") or 2), threads=threads)
         self.top_k = int(params.get("top_k") or 5)
-        self.tasks = frozenset(self.engine.tasks)
+        self.tasks = protocol.ServedTasks(self.engine.tasks, self.engine.bundle.root)
         pixels = params.get("max_image_pixels")
         self.limits = protocol.ImageLimits(max_pixels=int(pixels)) if pixels else protocol.ImageLimits()
         self.metrics = ServingMetrics(pb_utils, args["model_name"])
@@ -97,13 +98,14 @@ class TritonPythonModel:
 
     def _run_alone(self, i: int, request: list[protocol.Sample], errors: dict[int, str],
                    rows: dict[int, list[Any]]) -> None:
+        task = ""
         try:
             for task, positions in protocol.group_by_task(request).items():
                 outputs = self._predict(task, [request[p].image for p in positions])
                 for row, k in enumerate(positions):
                     rows[i][k] = {name: value[row] for name, value in outputs.items()}
         except RmtError as exc:
-            errors[i] = str(exc)
+            errors[i] = str(self.tasks.explain(task, exc))  # a task removed from the bundle since load says so
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own, never the batch's
             errors[i] = f"internal error: {type(exc).__name__}: {exc}"
 

@@ -156,6 +156,11 @@ class TritonServer:
         return {pid: command for pid, (parent, _, command) in _processes().items()
                 if parent == self.process.pid and STUB in command}
 
+    def exited_children(self) -> list[int]:
+        """Children of this server that have exited and are not reaped yet (zombies: /proc keeps no command)."""
+        return sorted(pid for pid, (parent, state, _) in _processes().items()
+                      if parent == self.process.pid and state == "Z")
+
     def dead_workers(self, workers: dict[int, str]) -> list[int]:
         """Those of `workers` that have exited (gone, or a zombie not yet reaped)."""
         now = _processes()

@@ -78,8 +78,9 @@ class Served:
         return f"127.0.0.1:{self.grpc}"
 
 
-def wait_ready(served: Served, timeout: float = 120.0) -> None:
-    """Until GET /v2/health/ready answers 200; RuntimeError with the log if the server exits or times out."""
+def wait_ready(served: Served, timeout: float = 120.0, interval: float = 0.3) -> None:
+    """Until GET /v2/health/ready answers 200 (asked every `interval` s); RuntimeError with the log if the
+    server exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if served.process.poll() is not None:
@@ -91,15 +92,15 @@ def wait_ready(served: Served, timeout: float = 120.0) -> None:
                     return
         except OSError:
             pass
-        time.sleep(0.3)
+        time.sleep(interval)
     log = served.log.read_text(errors="replace")[-3000:]
     raise RuntimeError(f"rmt-deploy serve not ready after {timeout} s:\n{log}")
 
 
 def start_server(bundle: Path, log: Path, *args: str, engine: str = "triton", env: dict | None = None,
-                 timeout: float = 120.0) -> Served:
-    """`rmt-deploy serve --engine ENGINE` on free local ports, ready; ray: a local cluster of its own
-    unless env names RAY_ADDRESS."""
+                 timeout: float = 120.0, interval: float = 0.3) -> Served:
+    """`rmt-deploy serve --engine ENGINE` on free local ports, ready (asked every `interval` s); ray: a
+    local cluster of its own unless env names RAY_ADDRESS."""
     if engine == "triton":
         pytest.importorskip("tritonclient.http")
         pytest.importorskip("pytriton", reason="nvidia-pytriton (tritonserver) is not installed")
@@ -114,7 +115,7 @@ def start_server(bundle: Path, log: Path, *args: str, engine: str = "triton", en
                                    start_new_session=True)
     served = Served(process, http, grpc, metrics, log)
     try:
-        wait_ready(served, timeout)
+        wait_ready(served, timeout, interval)
     except BaseException:
         stop_server(served)
         raise
@@ -160,7 +161,7 @@ def clients():
 
 @pytest.fixture(scope="session")
 def serve_process() -> SimpleNamespace:
-    """start(bundle, log, *args, engine=, env=, timeout=) / stop(served) / wait_ready(served): a real
+    """start(bundle, log, *args, engine=, env=, timeout=, interval=) / stop(served) / wait_ready(served): a real
     `rmt-deploy serve` process of either engine (the launch and server fixtures use the same)."""
     return SimpleNamespace(start=start_server, stop=stop_server, wait_ready=wait_ready)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -142,3 +143,37 @@ def test_bad_json_tensors_are_refused_before_allocating(spec, message):
 def test_json_request_without_inputs_is_refused():
     with pytest.raises(RequestError, match="'inputs' list"):
         protocol.inputs_from_json({"input": []})
+
+
+def test_served_tasks_say_when_a_task_was_added_or_removed_after_the_server_loaded_the_bundle(
+        bundle_dir, copy_bundle, make_taskpack, tmp_path):
+    """What both servers (Triton's model, the Ray ingress and replicas) answer: the bundle on disk is
+    consulted for an unknown task or a served task that failed, never for a good request."""
+    from rmt_deploy.errors import ArtifactError
+    from rmt_deploy.tools.bundle_edit import add_tasks, remove_tasks
+
+    root = copy_bundle(bundle_dir, tmp_path)
+    served = protocol.ServedTasks(["alpha", "beta"], root)
+    image = np.zeros((1, 8, 8, 3), np.uint8)
+
+    def decode(task: str) -> list[Sample]:
+        return protocol.decode_inputs({"task": _task(task), "image": image}, served)
+
+    with pytest.raises(UnknownTaskError, match=r"^task 'late' not served \(available: alpha, beta\)$"):
+        decode("late")
+    add_tasks(root, [make_taskpack("late", seed=5).save(tmp_path / "late.rmtask")])
+    with pytest.raises(UnknownTaskError, match=rf"^task 'late' not served: it was added to bundle {re.escape(str(root))} after the "
+                                               r"server loaded it; restart the server to serve it \(served: alpha, "
+                                               r"beta\)$"):
+        decode("late")
+    remove_tasks(root, ["beta"])
+    removed = served.explain("beta", UnknownTaskError("the engine's message"))
+    assert isinstance(removed, UnknownTaskError) and str(removed) == (
+        f"task 'beta' was removed from bundle {root} after the server loaded it; restart the server to serve the "
+        "bundle as it is now (tasks now: alpha, late)")
+    other = ArtifactError("a task file changed")
+    assert served.explain("alpha", other) is other  # still listed: the engine's error stands
+    (root / "manifest.json").unlink()  # a good request never reads the bundle
+    assert [s.task for s in decode("alpha")] == ["alpha"]
+    with pytest.raises(UnknownTaskError, match=r"^task 'late' not served \(available: alpha, beta\)$"):
+        decode("late")

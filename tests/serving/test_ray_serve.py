@@ -1,7 +1,7 @@
 """The Ray Serve application on a real local Ray cluster (2 CPUs, 2 replicas, 8 tasks, cache_tasks=2),
 queried over real HTTP: same results as Engine.predict, tasks routed to the replicas holding
 them, residency bounded, no wrong answer under load or when a replica's process is killed; and a
-round-robin app beside it on the same cluster."""
+round-robin app and an app over a ConvNeXt tower's bundle beside it on the same cluster."""
 from __future__ import annotations
 
 import io
@@ -319,6 +319,26 @@ def test_round_robin_routing_answers_every_task_from_both_replicas(service, ray_
         assert len({r["replica"] for r in replicas}) == 2, replicas
         assert [r["requests"] for r in replicas] == [len(TASKS), len(TASKS)], replicas  # 16 requests, 8 each
     assert _infer(service, _body(["task0"], _images(0, count=1))).status_code == 200  # the "/" app still serves
+
+
+def test_an_app_over_a_convnext_bundle_answers_every_task_as_engine_predict(service, ray_cluster, family):
+    """Issue #22: a non-ViT tower family's bundle (ConvNeXt, tests/families.py) served by a third app on
+    the same cluster: its metadata lists the family's tasks, one request per task equals Engine.predict."""
+    pytest.importorskip("timm")
+    from rmt_deploy.runtime.engine import Engine
+    from rmt_deploy.serving.ray import RayServeConfig
+
+    bundle = family("rmt-tiny-convnext").bundle
+    config = RayServeConfig(bundle=str(bundle), replicas=1, cache_tasks=2, top_k=TOP_K, replica_cpus=0.5, threads=1,
+                            model_name="convnext", app_name="convnext")
+    with Engine.load(bundle, threads=1) as engine, ray_cluster.deploy(config, route_prefix="/v2/models/convnext"):
+        meta = requests.get(f"{service}/v2/models/convnext", timeout=30).json()
+        assert meta["parameters"]["tasks"] == ["a", "b"] and engine.tasks == ["a", "b"]
+        for i, task in enumerate(engine.tasks):
+            image = _images(40 + i, count=1)[0]
+            response = _infer(service, _body([task], [image]), model="convnext")
+            assert response.status_code == 200, response.text
+            assert _same(_outputs(response), _expected(engine, task, image)), task
 
 
 def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recovers(service, engine):
