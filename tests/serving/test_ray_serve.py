@@ -377,3 +377,31 @@ def test_killing_a_replica_mid_run_never_gives_a_wrong_result_and_service_recove
     assert requests.get(f"{service}/v2/health/ready", timeout=30).status_code == 200
     after = _load(service, engine, n=48, threads=8, seed=3)
     assert after["right"] == 48, after
+
+
+def test_a_ray_replica_answers_as_loaded_while_every_shared_bundle_file_changes(service, ray_cluster, ray_bundle,
+                                                                                 engine, copy_bundle, tmp_path):
+    """Issue #24 under Ray Serve: after a replica has read its tasks, the base weights truncated, the base
+    graph rewritten in place at the same size and the manifest deleted change none of its answers (the
+    replica's Engine holds no bundle file open or mapped), and the app keeps answering."""
+    from rmt_deploy.serving.ray import RayServeConfig
+
+    live = copy_bundle(ray_bundle, tmp_path)
+    config = RayServeConfig(bundle=str(live), replicas=1, cache_tasks=2, top_k=TOP_K, replica_cpus=0.5, threads=1,
+                            model_name="live", app_name="live")
+    tasks = ["task0", "task1", "task2"]
+    images = {task: _images(60 + i, count=1)[0] for i, task in enumerate(tasks)}
+    with ray_cluster.deploy(config, route_prefix="/v2/models/live"):
+        for task in tasks:  # every task read and verified before the files change
+            assert _same(_outputs(_infer(service, _body([task], [images[task]]), model="live")),
+                         _expected(engine, task, images[task])), task
+        weights = live / "base_weights.safetensors"
+        with open(weights, "r+b") as handle:
+            handle.truncate(weights.stat().st_size // 3)
+        graph = live / "base.onnx"
+        graph.write_bytes(np.random.default_rng(0).integers(0, 256, graph.stat().st_size, np.uint8).tobytes())
+        (live / "manifest.json").unlink()
+        for task in reversed(tasks):  # 3 tasks on 2 buffers: a buffer is rewritten from the pool, not the files
+            response = _infer(service, _body([task], [images[task]]), model="live")
+            assert response.status_code == 200, response.text
+            assert _same(_outputs(response), _expected(engine, task, images[task])), task
