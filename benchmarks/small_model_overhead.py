@@ -10,7 +10,10 @@ rounds of 20 calls each, medians. Timed side by side:
   backend.run     the engine's CPU run: the slot's cached binding, only the image bound per call
   engine.predict  the public call: input checks, task lease, the run, head, softmax
 So shared-feed / folded is what feeding the weights costs ONNX Runtime, and engine.predict /
-backend.run what the engine adds in Python. Writes results/small_model_overhead[-MODEL].json.
+backend.run what the engine adds in Python. Sessions in one process disturb each other on 2
+cores (a session's intra-op threads spin after its run), so `--isolated N` also times folded and
+engine.predict each alone in its own process, N processes each, alternated: what a process
+serving either one sees. Writes results/small_model_overhead[-MODEL].json.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -92,22 +97,79 @@ def measure(fns: dict, rounds: int, calls: int = 20) -> dict[str, float]:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+ISOLATED = ("folded", "engine.predict")
+
+
+def alone(bundle: Path, name: str, threads: int) -> Callable[[], object]:
+    """One contender built by itself: a folded session, or an Engine."""
+    import onnxruntime as ort
+
+    from rmt_deploy import Engine
+    from rmt_deploy.artifacts.bundle import IMAGE_INPUT, LOGITS_OUTPUT, Bundle
+
+    opened = Bundle.open(bundle)
+    image = np.random.default_rng(1).standard_normal((1, 3, *opened.manifest.preprocess.image_size)).astype(np.float32)
+    if name == "folded":
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        folded = ort.InferenceSession(str(opened.folded_path("t0")), options, providers=["CPUExecutionProvider"])
+        return lambda: folded.run([LOGITS_OUTPUT], {IMAGE_INPUT: image})
+    engine = Engine.load(bundle, task="t0", threads=threads)
+    return lambda: engine.predict(image)
+
+
+def isolated(bundle: Path, threads: int, processes: int) -> dict[str, float]:
+    """Median over `processes` alternated child processes of each one's median ms per call."""
+    found: dict[str, list[float]] = {name: [] for name in ISOLATED}
+    for _ in range(processes):
+        for name in ISOLATED:
+            out = subprocess.run([sys.executable, __file__, "--child", name, "--bundle", str(bundle),
+                                  "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
+            found[name].append(float(out.split()[-1]))
+    return {name: float(np.median(values)) for name, values in found.items()}
+
+
+def child(args: argparse.Namespace) -> None:
+    fn = alone(Path(args.bundle), args.child, args.threads)
+    for _ in range(50):
+        fn()
+    calls = max(1, int(0.05 / max(1e-6, _seconds(fn))))
+    print(measure({args.child: fn}, 10, calls)[args.child])
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="rmt-tiny-vit")
     parser.add_argument("--groups", default="attn", help="mask groups, comma-separated (docs/families.md)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--isolated", type=int, default=0, metavar="N",
+                        help="also time folded and engine.predict alone, N processes each")
+    parser.add_argument("--child", choices=ISOLATED, help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
     with tempfile.TemporaryDirectory() as work:
         groups = tuple(args.groups.split(","))
-        fns, sizes = contenders(build_bundle(args.model, Path(work), groups), args.threads)
+        bundle = build_bundle(args.model, Path(work), groups)
+        fns, sizes = contenders(bundle, args.threads)
         medians = measure(fns, args.rounds)
+        del fns
+        alone_ms = isolated(bundle, args.threads, args.isolated) if args.isolated else {}
     folded = medians["folded"]
     result = {"model": args.model, "groups": args.groups, "batch": 1, "threads": args.threads,
               "rounds": args.rounds, **sizes,
               "median_ms": medians, "ratio_to_folded": {k: v / folded for k, v in medians.items()},
               "engine_python_ms": medians["engine.predict"] - medians["backend.run"],
+              "isolated_processes": args.isolated, "isolated_ms": alone_ms,
+              "isolated_ratio": alone_ms["engine.predict"] / alone_ms["folded"] if alone_ms else None,
               "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version()}}
     path = RESULTS / ("small_model_overhead.json" if args.model == "rmt-tiny-vit" else
                       f"small_model_overhead-{args.model}.json")
@@ -115,6 +177,8 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     for name, value in medians.items():
         print(f"{name:16} {value:8.4f} ms  {value / folded:.3f}x")
+    for name, value in alone_ms.items():
+        print(f"alone: {name:16} {value:8.4f} ms  {value / alone_ms['folded']:.3f}x")
     print(f"engine's own work per call: {result['engine_python_ms']:.4f} ms; wrote {path}")
 
 
