@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from small_model_overhead import build_bundle, measure  # noqa: E402
+from small_model_overhead import build_bundle, measure, one_call_seconds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WAYS = ("add_initializer", "add_external_initializers")
@@ -103,17 +103,11 @@ def check_and_time(bundle: Path, threads: int, rounds: int) -> dict[str, Any]:
     folded = ort.InferenceSession(str(opened.folded_path("t1")), options, providers=["CPUExecutionProvider"])
     timed = {"folded": lambda: folded.run([LOGITS_OUTPUT], {IMAGE_INPUT: image}),
              "engine run (fed)": lambda: engine._backend.run(image, leases["t1"]), **fns}
-    calls = max(1, int(0.05 / max(1e-6, _seconds(timed["folded"]))))
+    calls = max(1, int(0.05 / max(1e-6, one_call_seconds(timed["folded"]))))
     medians = measure(timed, rounds, calls)
     result["median_ms"] = medians
     result["ratio_to_folded"] = {k: v / medians["folded"] for k, v in medians.items()}
     return result
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

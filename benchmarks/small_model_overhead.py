@@ -133,11 +133,12 @@ def child(args: argparse.Namespace) -> None:
     fn = alone(Path(args.bundle), args.child, args.threads)
     for _ in range(50):
         fn()
-    calls = max(1, int(0.05 / max(1e-6, _seconds(fn))))
+    calls = max(1, int(0.05 / max(1e-6, one_call_seconds(fn))))
     print(measure({args.child: fn}, 10, calls)[args.child])
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def one_call_seconds(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call (to size the calls per round)."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
