@@ -121,7 +121,7 @@ class ServedTasks(Collection[str]):
             return UnknownTaskError(f"task {name[:200]!r} not served: it was added to bundle {self.root} after "
                                     f"the server loaded it; restart the server to serve it "
                                     f"(served: {_names(self)})")
-        return UnknownTaskError(f"task {name[:200]!r} not served (available: {_names(self)})")
+        return not_served(name, self)
 
     def explain(self, name: str, error: Exception) -> Exception:
         """`error` (a served task failed), or what explains it: the task was removed from the bundle
@@ -133,6 +133,11 @@ class ServedTasks(Collection[str]):
                                         f"loaded it; restart the server to serve the bundle as it is now "
                                         f"(tasks now: {', '.join(now[:20]) or 'none'})")
         return error
+
+
+def not_served(name: str, tasks: Collection[str]) -> UnknownTaskError:
+    """The error for a request naming a task outside `tasks`."""
+    return UnknownTaskError(f"task {name[:200]!r} not served (available: {_names(tasks)})")
 
 
 # ---------------------------------------------------------------- requests
@@ -199,9 +204,7 @@ def _task_names(array: np.ndarray, tasks: Collection[str], limits: ImageLimits) 
         except UnicodeDecodeError:
             raise RequestError(f"task {raw[:64]!r} is not UTF-8 text (available: {_names(tasks)})") from None
         if name not in tasks:
-            if isinstance(tasks, ServedTasks):
-                raise tasks.unknown(name)
-            raise UnknownTaskError(f"task {name[:200]!r} not served (available: {_names(tasks)})")
+            raise tasks.unknown(name) if isinstance(tasks, ServedTasks) else not_served(name, tasks)
         names.append(name)
     return names
 

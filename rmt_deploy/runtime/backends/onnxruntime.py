@@ -102,7 +102,7 @@ class OrtBackend:
         self._check_graph(model_path)
         self._lock = threading.Lock()
         self._device_slots: dict[int, tuple[int, dict[str, Any]]] = {}
-        self._idle_bindings: dict[int, list[tuple[int, Any]]] = {}  # slot -> (generation, IOBinding) not in use
+        self._idle_bindings: dict[int, tuple[int, list[Any]]] = {}  # slot -> (generation, its IOBindings not in use)
 
     def _check_graph(self, path: Any) -> None:
         """Graph inputs and outputs (names, shapes, dtypes) must be the ones the manifest describes."""
@@ -170,17 +170,19 @@ class OrtBackend:
             return binding.get_outputs()[0].numpy()
         finally:
             binding.clear_binding_outputs()
-            with self._lock:
-                self._idle_bindings.setdefault(lease.slot, []).append((lease.generation, binding))
+            with self._lock:  # a slot is rewritten only once no lease holds it: older runs have all ended
+                generation, idle = self._idle_bindings.get(lease.slot, (None, []))
+                if generation != lease.generation:
+                    idle = []
+                    self._idle_bindings[lease.slot] = (lease.generation, idle)
+                idle.append(binding)
 
     def _take_binding(self, lease: Lease) -> Any:
         """An idle binding of the lease's slot and generation, else a new one over the slot's buffers."""
         with self._lock:
-            idle = self._idle_bindings.get(lease.slot)
-            while idle:
-                generation, binding = idle.pop()
-                if generation == lease.generation:
-                    return binding
+            generation, idle = self._idle_bindings.get(lease.slot, (None, []))
+            if generation == lease.generation and idle:
+                return idle.pop()
         binding = self.session.io_binding()
         for key, array in lease.arrays.items():
             binding.bind_ortvalue_input(key, self.ort.OrtValue.ortvalue_from_numpy(array))
