@@ -75,8 +75,8 @@ def run(config: RayServeConfig, host: str = "0.0.0.0", port: int = 8000, address
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    else:  # "local": a cluster of our own, never whichever one `ray start` left on this machine (maybe dead)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
                 if threading.current_thread() is threading.main_thread()}

@@ -4,6 +4,10 @@
 SIGTERM with exit status 0."""
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'rmt-deploy[ray]')")
@@ -18,16 +22,27 @@ def served(request, serve_bundle, serve_process, clients, tmp_path_factory):
     """`rmt-deploy serve --engine ...` on the four-task bundle; on SIGTERM it exits 0 (and the ray
     engine says it served and stopped)."""
     log = tmp_path_factory.mktemp(request.param) / "serve.log"
-    process = serve_process.start(serve_bundle, log, "--max-image-pixels", str(clients.MAX_PIXELS),
-                                  "--replicas", "2", "--threads", "1", engine=request.param, timeout=180)
+    env, ray_tmp = None, None
+    if request.param == "ray":  # a dead cluster's address where ray.init() looks first: serve starts its own
+        ray_tmp = Path(tempfile.mkdtemp(prefix="rmt-ray-", dir="/tmp"))  # short: Ray's socket paths live in it
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{clients.free_ports(1)[0]}")
+        env = {"RAY_TMPDIR": str(ray_tmp)}
     try:
-        yield request.param, process.http_url
+        process = serve_process.start(serve_bundle, log, "--max-image-pixels", str(clients.MAX_PIXELS),
+                                      "--replicas", "2", "--threads", "1", engine=request.param, env=env,
+                                      timeout=180)
+        try:
+            yield request.param, process.http_url
+        finally:
+            status = serve_process.stop(process, timeout=120)
+            text = log.read_text(errors="replace")
+            assert status == 0, f"serve --engine {request.param} exited {status} on SIGTERM:\n{text[-3000:]}"
+            if request.param == "ray":
+                assert "serving" in text and "stopped" in text, text[-3000:]
     finally:
-        status = serve_process.stop(process, timeout=120)
-        text = log.read_text(errors="replace")
-        assert status == 0, f"serve --engine {request.param} exited {status} on SIGTERM:\n{text[-3000:]}"
-        if request.param == "ray":
-            assert "serving" in text and "stopped" in text, text[-3000:]
+        if ray_tmp is not None:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_the_same_client_gets_the_engines_answers(served, clients, engine, images):
