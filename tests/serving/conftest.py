@@ -192,6 +192,11 @@ def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'rmt-deploy[ray]')")
     serve = pytest.importorskip("ray.serve")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Serve's router gives a replica 0.1 s to report its queue, else routes the request to any replica (and
+    # a multiplexed task lands where it is not resident); `make test` runs another worker beside this one on
+    # two cores, so give it 1 s (the cluster's processes inherit this)
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "2.0")
     (port,) = CLIENTS.free_ports(1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))

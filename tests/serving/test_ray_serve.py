@@ -271,9 +271,9 @@ def test_requests_go_to_the_replica_that_holds_their_task(service, engine):
     """4 tasks fit 2 replicas x cache_tasks 2: once Serve has learnt where each task lives, multiplexed
     routing finds a replica holding the task for nearly every request; task-blind routing gets about
     half (see the benchmark). On a starved machine Serve's router falls back to any replica when a
-    queue-length probe misses its 0.1 s deadline, and each such miss evicts a task that later requests
-    then miss too; so a round that falls short settles again and is measured afresh, three rounds at
-    most. Blind routing (0.50 +- 0.06 over 80 requests) reaches 0.8 in none of them."""
+    queue-length probe misses its deadline (1 s here: ray_cluster), and each such miss evicts a task
+    that later requests then miss too; so a round that falls short settles again and is measured
+    afresh, three rounds at most. Blind routing (0.50 +- 0.06 over 80 requests) reaches 0.8 in none of them."""
     tasks = TASKS[:4]
     images = _images(7, count=1)
     rng = random.Random(4)
