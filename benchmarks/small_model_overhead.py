@@ -4,16 +4,18 @@
 
 One bundle (2 random tasks at 2.5% zeros, shared + folded), batch 1, 2 threads; interleaved
 rounds of 20 calls each, medians. Timed side by side:
-  folded          a plain InferenceSession on the task's folded model (image -> logits)
-  shared-feed     the engine's own session on base.onnx, the masked weights fed as numpy arrays
-  shared-iobind   the same session with every input bound once as an OrtValue (IOBinding)
-  backend.run     the engine's CPU run: the slot's cached binding, only the image bound per call
-  engine.predict  the public call: input checks, task lease, the run, head, softmax
-So shared-feed / folded is what feeding the weights costs ONNX Runtime, and engine.predict /
-backend.run what the engine adds in Python. Sessions in one process disturb each other on 2
-cores (a session's intra-op threads spin after its run), so `--isolated N` also times folded and
-engine.predict each alone in its own process, N processes each, alternated: what a process
-serving either one sees. Writes results/small_model_overhead[-MODEL].json.
+  folded            a plain InferenceSession on the task's folded model (image -> logits)
+  shared-feed       the engine's session on base.onnx, the masked weights fed as numpy arrays
+  shared-iobind     the same session with every input bound once as an OrtValue (IOBinding)
+  backend.run fed   the CPU run without constant sessions: the slot's cached binding, the image bound
+  predict fed       the public call on that engine: input checks, task lease, the run, head, softmax
+  backend.run       the CPU run of the default engine: the task's constant session (made, waited for)
+  engine.predict    the public call on the default engine
+So shared-feed / folded is what feeding the weights costs ONNX Runtime, backend.run / folded what the
+constant session leaves of it, and engine.predict - backend.run what the engine adds in Python.
+Sessions in one process disturb each other on 2 cores (a session's intra-op threads spin after
+its run), so `--isolated N` also times folded and engine.predict each alone in its own process,
+N processes each, alternated: what a process serving either one sees. Writes results/small_model_overhead[-MODEL].json.
 """
 from __future__ import annotations
 
@@ -61,9 +63,12 @@ def contenders(bundle: Path, threads: int) -> dict:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     folded = ort.InferenceSession(str(opened.folded_path("t0")), options, providers=["CPUExecutionProvider"])
+    fed = Engine.load(bundle, task="t0", threads=threads, constant_sessions=False)
     engine = Engine.load(bundle, task="t0", threads=threads)
-    session = engine._backend.session  # the engine's own session on base.onnx
-    lease = engine._pool.acquire("t0", lambda: engine._store.zeros("t0"))  # held for the whole run
+    engine.wait_ready()
+    session = fed._backend.session  # the fed engine's session on base.onnx
+    lease = fed._pool.acquire("t0", lambda: fed._store.zeros("t0"))  # held for the whole run
+    constant = engine._pool.acquire("t0", lambda: engine._store.zeros("t0"))
     feeds = {**lease.arrays, IMAGE_INPUT: image}
     binding = session.io_binding()
     values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
@@ -74,9 +79,12 @@ def contenders(bundle: Path, threads: int) -> dict:
         "folded": lambda: folded.run([LOGITS_OUTPUT], {IMAGE_INPUT: image}),
         "shared-feed": lambda: session.run([EMBEDDING_OUTPUT], feeds),
         "shared-iobind": lambda: session.run_with_iobinding(binding),
-        "backend.run": lambda: engine._backend.run(image, lease),
+        "backend.run fed": lambda: fed._backend.run(image, lease),
+        "predict fed": lambda: fed.predict(image),
+        "backend.run": lambda: engine._backend.run(image, constant),
         "engine.predict": lambda: engine.predict(image),
-    }, {"masked_tensors": len(lease.arrays), "masked_bytes": int(sum(a.nbytes for a in lease.arrays.values()))}
+    }, {"constant_session": engine.session_stats["ready"] > 0, "masked_tensors": len(lease.arrays),
+        "masked_bytes": int(sum(a.nbytes for a in lease.arrays.values()))}
 
 
 def measure(fns: dict, rounds: int, calls: int = 20) -> dict[str, float]:
@@ -115,6 +123,7 @@ def alone(bundle: Path, name: str, threads: int) -> Callable[[], object]:
         folded = ort.InferenceSession(str(opened.folded_path("t0")), options, providers=["CPUExecutionProvider"])
         return lambda: folded.run([LOGITS_OUTPUT], {IMAGE_INPUT: image})
     engine = Engine.load(bundle, task="t0", threads=threads)
+    engine.wait_ready()
     return lambda: engine.predict(image)
 
 

@@ -21,7 +21,8 @@ from rmt_deploy.artifacts.task_file import check_task_name
 from rmt_deploy.errors import ArtifactError
 
 BUNDLE_FORMAT = "rmt-deploy.bundle"
-BUNDLE_VERSION = 2
+BUNDLE_VERSION = 3  # 3: files.onnx.constant (the shared graph with its masked weights as supplied constants)
+HASHED_VERSION = 2  # the first version that records the size and sha256 of every file
 LEGACY_VERSION = 1  # no file records
 MAX_TENSOR_ELEMENTS = 1 << 32
 MAX_TASKS = 1_000_000
@@ -165,12 +166,13 @@ def _path(value: Any, where: str) -> str:
 
 
 def _backend_files(value: Any, where: str) -> dict[str, Any]:
-    """{"base": path, "folded": {task: path}}: both optional."""
-    if not isinstance(value, dict) or not set(value) <= {"base", "folded"}:
-        raise _fail(where, value, 'an object with "base" and/or "folded"')
+    """{"base": path, "constant": path, "folded": {task: path}}: all optional."""
+    if not isinstance(value, dict) or not set(value) <= {"base", "constant", "folded"}:
+        raise _fail(where, value, 'an object with "base", "constant" and/or "folded"')
     out = {}
-    if "base" in value:
-        out["base"] = _path(value["base"], f"{where}.base")
+    for key in ("base", "constant"):
+        if key in value:
+            out[key] = _path(value[key], f"{where}.{key}")
     if "folded" in value:
         out["folded"] = mapping(task_name, _path)(value["folded"], f"{where}.folded")
     return out
@@ -202,7 +204,8 @@ class Manifest:
 
     `output_kind` "embedding": base.onnx returns L2-normalised image embeddings (output
     `output_name`), and each task's head (rmt_deploy.artifacts.heads, by its kind) turns them into
-    logits. `files` maps backend ("onnx", "tensorrt") -> {"base": path, "folded": {task: path}}. `tensorrt` holds
+    logits. `files` maps backend ("onnx", "tensorrt") -> {"base": path, "folded": {task: path}}, and "onnx" may
+    name a "constant" graph: base.onnx with the masked weights as initializers the runtime supplies. `tensorrt` holds
     engine metadata (GPU, TensorRT version, refit map). `base_weights` is the safetensors file of
     the masked tensors' base values. `checksums` records every file of the bundle (path ->
     size, sha256); each reader checks the files it uses against it.
@@ -234,7 +237,7 @@ class Manifest:
     @property
     def verified(self) -> bool:
         """Whether the manifest records its files (version 2 and later)."""
-        return self.version >= BUNDLE_VERSION
+        return self.version >= HASHED_VERSION
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -247,8 +250,9 @@ class Manifest:
         if self.base_weights:
             named["base_weights"] = self.base_weights
         for backend, entry in self.files.items():
-            if "base" in entry:
-                named[f"files.{backend}.base"] = entry["base"]
+            for key in ("base", "constant"):
+                if key in entry:
+                    named[f"files.{backend}.{key}"] = entry[key]
             for task, path in entry.get("folded", {}).items():
                 named[f"files.{backend}.folded.{task}"] = path
         return named

@@ -5,7 +5,10 @@ forward takes the masked weights as extra inputs (torch.func.functional_call),
 so ORT's constant folding can never reach them. A folded model is the same
 graph with those inputs turned into initializers (W * M) and the task's head
 appended (rmt_deploy.artifacts.heads: the text head, plus Tip-Adapter's cache for those
-kinds), built by graph surgery instead of a second trace.
+kinds), built by graph surgery instead of a second trace. The constant graph is the shared
+graph with the masked inputs turned into initializers whose data is external at SUPPLIED_AT_LOAD,
+a location no file has: the runtime hands a resident task's buffers to it
+(SessionOptions.add_external_initializers), so ONNX Runtime prepacks them like a folded model's.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ BATCH_DIM = "batch"
 # protobuf cannot serialise more than 2 GiB; above this many weight bytes, files use external data
 EXTERNAL_DATA_BYTES = 1 << 30
 _TRACE_BATCH = 2  # a trace with batch 1 would fix the batch dimension at 1
+SUPPLIED_AT_LOAD = "rmt-deploy-supplied-at-load"  # external-data location of the constant graph's masked weights
 
 
 def input_name(tensor_name: str) -> str:
@@ -126,6 +130,25 @@ def set_defaults(model: Any, base_values: Mapping[str, np.ndarray]) -> None:
         model.graph.register_initializer(value)
 
 
+def constant_graph(shared_path: Path, masked_names: list[str]) -> Any:
+    """The shared graph with its masked inputs (graph input names) as initializers stored nowhere: each is
+    external data at SUPPLIED_AT_LOAD, which a session must be given (add_external_initializers)."""
+    ir = require("onnx_ir", "train")
+    model = ir.load(shared_path)
+    graph = model.graph
+    inputs = {value.name: value for value in graph.inputs}
+    for name in masked_names:
+        value = inputs[name]
+        graph.inputs.remove(value)
+        shape = [int(dim) for dim in value.shape]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * value.dtype.itemsize
+        value.const_value = ir.ExternalTensor(SUPPLIED_AT_LOAD, 0, nbytes, value.dtype, shape=ir.Shape(shape),
+                                              name=name)
+        if name not in graph.initializers:
+            graph.register_initializer(value)
+    return model
+
+
 def fold_task(shared_path: Path, masked_values: Mapping[str, np.ndarray], head: np.ndarray,
               logit_scale: float, cache: Cache | None = None) -> Any:
     """A folded model from the shared graph: masked inputs become initializers W*M, head appended.
@@ -194,6 +217,14 @@ def _constant(graph: Any, name: str, array: np.ndarray) -> Any:
                      type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(array.shape)))
     graph.register_initializer(value)
     return value
+
+
+def save_constant_graph(model: Any, path: Path, metadata: Mapping[str, str]) -> None:
+    """Save a constant graph in one file: its masked weights stay references to SUPPLIED_AT_LOAD."""
+    ir = require("onnx_ir", "train")
+    for key, text in {**metadata, "rmt_deploy.masked_inputs": "supplied"}.items():
+        model.metadata_props[key] = str(text)
+    ir.save(model, path)
 
 
 def weight_bytes(model: Any) -> int:

@@ -37,6 +37,7 @@ from rmt_deploy.export import onnx as graphs
 from rmt_deploy.export.report import ExportReport, TaskReport
 
 BASE_ONNX = "base.onnx"
+CONSTANT_ONNX = "base_constant.onnx"
 BASE_WEIGHTS = "base_weights.safetensors"
 _SCRATCH_SHARED = ".shared.onnx"  # the shared graph, kept only while folding (mode "folded")
 _TOOLS = ("rmt-deploy", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "tensorrt")
@@ -176,7 +177,11 @@ def _write_shared(model: Any, path: Path, base: _Base, config: ExportConfig, sta
     if config.mode == "folded":
         return {}
     save_file(dict(base.values), str(stage / BASE_WEIGHTS))
-    return {"base": BASE_ONNX}
+    if graphs.weight_bytes(model) > graphs.EXTERNAL_DATA_BYTES:
+        return {"base": BASE_ONNX}  # its unmasked weights live in base.onnx.data: no second copy of them
+    graphs.save_constant_graph(graphs.constant_graph(path, list(base.names.values())), stage / CONSTANT_ONNX,
+                               {"rmt_deploy.model": config.model_name})
+    return {"base": BASE_ONNX, "constant": CONSTANT_ONNX}
 
 
 def _write_folded(shared_path: Path, pack: TaskPack, base: _Base, stage: Path) -> str:
@@ -208,6 +213,11 @@ def _verify(stage: Path, files: dict[str, Any], base: _Base, config: ExportConfi
             embedding = shared.run([graphs.EMBEDDING_OUTPUT], {graphs.IMAGE_INPUT: images, **feeds})[0]
             test = verify.logits(embedding, pack)
             checks.append(verify.compare(pack.name, "shared", reference, test, tolerance))
+            if "constant" in files and pack is base.packs[0]:  # one task checks the task-independent graph
+                constant = verify.session(stage / files["constant"], feeds)
+                embedding = constant.run([graphs.EMBEDDING_OUTPUT], {graphs.IMAGE_INPUT: images})[0]
+                checks.append(verify.compare(pack.name, "constant", reference, verify.logits(embedding, pack),
+                                             tolerance))
         if pack.name in files.get("folded", {}):
             path = stage / files["folded"][pack.name]
             verify.check_onnx(path)

@@ -52,13 +52,19 @@ def random_images(image_size: list[int], batch: int = VERIFY_BATCH, seed: int = 
     return rng.standard_normal((batch, 3, *image_size)).astype(np.float32)
 
 
-def session(path: Path) -> Any:
-    """An ONNX Runtime CPU session at ORT_ENABLE_ALL, the optimisation level users get by default."""
+def session(path: Path, supplied: Mapping[str, np.ndarray] | None = None) -> Any:
+    """An ONNX Runtime CPU session at ORT_ENABLE_ALL, the optimisation level users get by default;
+    `supplied`: the external initializers of a constant graph (graph input name -> array)."""
     ort = require("onnxruntime", "onnx")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (supplied or {}).values()]
+    if values:
+        options.add_external_initializers(list(supplied), values)
+    made = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    made.supplied_values = values  # the session reads these buffers: they live as long as it does
+    return made
 
 
 def torch_embeddings(visual: Any, masked: Mapping[str, np.ndarray], images: np.ndarray) -> np.ndarray:

@@ -191,6 +191,17 @@ class TaskPool:
             self._finish(victim, task, new_zeros, bump=False)
             return self._pin(victim)
 
+    def pin(self, slot: int, generation: int) -> Lease | None:
+        """Pin buffer `slot` while it still holds contents `generation` (background work on a resident task,
+        e.g. a session made over it); None if it was rewritten since, or the pool is closed. Not a use: the
+        LRU order stays."""
+        with self._cond:
+            held = self._slots[slot] if not self._closed and 0 <= slot < len(self._slots) else None
+            if held is None or held.generation != generation or not held.ready:
+                return None
+            held.refs += 1
+            return Lease(held.task, held.index, held.generation, held.arrays)
+
     def release(self, lease: Lease) -> None:
         with self._cond:
             slot = self._slots[lease.slot]

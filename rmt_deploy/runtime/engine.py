@@ -136,10 +136,13 @@ class Engine:
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, task: str | None = None, backend: str = "auto",
              device: str = "cpu", cache_tasks: int = 2, threads: int | None = None,
-             warm_bytes: int = DEFAULT_WARM_BYTES) -> "Engine":
+             warm_bytes: int = DEFAULT_WARM_BYTES, constant_sessions: bool = True) -> "Engine":
         """Open a bundle, list its tasks (each read and verified at its first use) and make `task`
         (default: the first) current. `cache_tasks`: dense buffers (resident tasks); `warm_bytes`:
-        budget for decoded tasks kept ready to switch to."""
+        budget for decoded tasks kept ready to switch to. `constant_sessions` (ONNX Runtime on CPU, bundles
+        with a constant graph): each resident task gets a session of its own, made in the background, whose
+        masked weights are constants: as fast as the folded model, for about one more model's memory per
+        resident task (docs/performance.md)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle)
         if task is not None:
@@ -149,6 +152,7 @@ class Engine:
         pool = None
         try:
             pool = _make_pool(bundle, impl, cache_tasks, threads)
+            impl.attach_pool(pool, bool(constant_sessions))
             engine = cls(bundle, impl, pool, warm_bytes)
             engine._load_tasks(task)
             return engine
@@ -194,6 +198,19 @@ class Engine:
         stats = asdict(self._store.stats())
         stats[RESIDENT] = len(self._pool.resident())
         return stats
+
+    @property
+    def session_stats(self) -> dict[str, object]:
+        """Constant sessions (ONNX Runtime on CPU): on, ready now, made so far, and why they are off."""
+        stats = getattr(self._backend, "constant_stats", None)
+        return dict(stats) if stats is not None else {"on": False, "ready": 0, "made": 0,
+                                                      "off_because": f"the {self.backend} backend has none"}
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the backend's background work for the resident tasks (their constant sessions) is done;
+        False if `timeout` seconds passed first. Predictions never wait for it: they use the shared graph."""
+        self._check_open()
+        return self._backend.wait_background(timeout)
 
     def tier(self, task: str) -> str:
         """Where `task` is held now: 'resident', 'warm', 'cold' or 'disk' (listed, not read yet)."""

@@ -54,7 +54,8 @@ def _recorded_size(bundle: Bundle, relative: str) -> int | None:
 def _backends(manifest: Any) -> dict[str, Any]:
     out = {}
     for backend, entry in manifest.files.items():
-        out[backend] = {"shared": "base" in entry, "folded": sorted(entry.get("folded", {}))}
+        out[backend] = {"shared": "base" in entry, "constant": "constant" in entry,
+                        "folded": sorted(entry.get("folded", {}))}
     if manifest.tensorrt:
         gpu = manifest.tensorrt.get("gpu")
         out.setdefault("tensorrt", {})["built_for"] = {

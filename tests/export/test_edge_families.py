@@ -27,20 +27,25 @@ def rel_l2(test: np.ndarray, reference: np.ndarray) -> float:
 @pytest.mark.parametrize("model", FAMILIES)
 def test_export_verifies_against_torch(family, model):
     fam = family(model)
-    assert {c.kind for c in fam.report.checks} == {"shared", "folded"}
+    assert {c.kind for c in fam.report.checks} == {"shared", "constant", "folded"}
     assert all(c.ok and c.rel_l2 <= 1e-5 for c in fam.report.checks), [c.line() for c in fam.report.checks]
 
 
 @pytest.mark.parametrize("model", FAMILIES)
-def test_engine_equals_folded_and_masked_torch_and_switches_exactly(family, model):
+@pytest.mark.parametrize("constant", [True, False], ids=["constant-sessions", "fed"])
+def test_engine_equals_folded_and_masked_torch_and_switches_exactly(family, model, constant):
+    """With one buffer, A -> B -> A rewrites it twice; A's answers come back bit for bit, through its constant
+    session (made anew over the rewritten buffer) or through the fed graph."""
     import onnxruntime as ort
 
     fam = family(model)
     images = fam.images()
-    with Engine.load(fam.bundle, cache_tasks=1, threads=1) as engine:
+    with Engine.load(fam.bundle, cache_tasks=1, threads=1, constant_sessions=constant) as engine:
         first = {}
         for task in ("a", "b", "a"):
             engine.switch(task)
+            assert engine.wait_ready(60)
+            assert engine.session_stats["ready"] == int(constant)
             got = engine.predict(images).logits
             folded = ort.InferenceSession(str(engine.bundle.folded_path(task)), providers=["CPUExecutionProvider"])
             assert rel_l2(got, folded.run(None, {"image": images})[0]) <= 1e-5
@@ -49,6 +54,7 @@ def test_engine_equals_folded_and_masked_torch_and_switches_exactly(family, mode
                 np.testing.assert_array_equal(got, first[task])  # A -> B -> A restores A exactly
             first[task] = got
         assert not np.allclose(first["a"], first["b"])
+        assert engine.session_stats["made"] == 3 * int(constant)
         assert all(0 < fam.packs[t].sparsity < 1 for t in fam.packs), [fam.packs[t].sparsity for t in fam.packs]
 
 

@@ -22,7 +22,7 @@ def test_fp16_report_gives_error_and_top1_agreement_within_tolerance(fp16_bundle
     _, report = fp16_bundle
     assert report.precision == "fp16" and report.verified
     assert {(c.task, c.kind) for c in report.checks} == {(t, k) for t in ("alpha", "beta")
-                                                        for k in ("shared", "folded")}
+                                                        for k in ("shared", "folded")} | {("alpha", "constant")}
     for check in report.checks:
         assert 0 < check.rel_l2 <= FP16_TOLERANCE  # not zero: it really is fp16
         assert check.top1 == 1.0

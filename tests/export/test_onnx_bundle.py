@@ -33,7 +33,7 @@ def test_bundle_has_manifest_base_tasks_and_folded_models(bundle_dir, tiny_base)
     manifest = bundle.manifest
     assert manifest.tasks == ["alpha", "beta"]
     assert manifest.fingerprint == fingerprint(TINY_MODEL, maskable_tensors(tiny_base.model))
-    assert manifest.files["onnx"] == {"base": "base.onnx",
+    assert manifest.files["onnx"] == {"base": "base.onnx", "constant": "base_constant.onnx",
                                       "folded": {"alpha": "folded/alpha.onnx", "beta": "folded/beta.onnx"}}
     assert manifest.masked_inputs == "required" and manifest.base_weights == "base_weights.safetensors"
     assert manifest.preprocess.image_size == [32, 32] and manifest.output_kind == "embedding"

@@ -82,7 +82,7 @@ def test_a_symlink_out_of_the_bundle_is_refused(copy, tmp_path):
     ("mean", [0.5], "manifest.preprocess.mean"),
     ("std", [0, 0, 0], "manifest.preprocess.std[0] is 0"),
     ("std", [1, 1, float("nan")], "manifest.preprocess.std[2] is NaN"),
-    ("version", 3, "written by a newer rmt-deploy"),
+    ("version", 4, "written by a newer rmt-deploy"),
     ("fingerprint", "abc", "manifest.fingerprint"),
 ])
 def test_bad_manifest_values_are_one_line_errors_naming_the_field(copy, field, value, expected):
@@ -267,5 +267,5 @@ def test_inspect_verify_reports_every_damaged_file(copy, capsys):
         warnings.simplefilter("error")
         main(["inspect", str(copy()), "--verify", "--json"])
     doc = json.loads(capsys.readouterr().out)
-    assert doc["verification"]["ok"] and doc["verification"]["files_checked"] == 8
+    assert doc["verification"]["ok"] and doc["verification"]["files_checked"] == 9
     assert Bundle.open(copy()).verified

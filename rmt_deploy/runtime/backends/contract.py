@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 
 from rmt_deploy.errors import InputError
-from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
+from rmt_deploy.runtime.buffer_pool import Lease, TaskPool, TensorSpec
 
 CUDA_EP = "CUDAExecutionProvider"
 
@@ -23,6 +23,13 @@ class Backend(Protocol):
     def fill_base(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Write the base values into `arrays` (one per spec key); the sha256 of base_file as read, or None."""
 
+    def attach_pool(self, pool: TaskPool, constant_sessions: bool) -> None:
+        """The pool whose leases `run` gets, for background work over its buffers (ONNX Runtime on CPU:
+        a constant session per resident task, if `constant_sessions`)."""
+
+    def wait_background(self, timeout: float | None) -> bool:
+        """Wait for that background work to finish; False if `timeout` seconds passed first."""
+
     def prepare(self, lease: Lease) -> None:
         """Make the lease's weights current now (a device copy or refit), not on the next run."""
 
@@ -31,6 +38,16 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the session, engine or model; the backend is not used again."""
+
+
+class NoBackgroundWork:
+    """attach_pool and wait_background for a backend that does no background work."""
+
+    def attach_pool(self, pool: TaskPool, constant_sessions: bool) -> None:
+        return None
+
+    def wait_background(self, timeout: float | None) -> bool:
+        return True
 
 
 def parse_device(device: str) -> tuple[str, int]:

@@ -9,7 +9,8 @@ when the slot is rewritten and reused by every later run: a run binds only its i
 numpy arrays, and faster than the folded model's plain run on small towers; see
 benchmarks/small_model_overhead.py). On CUDA each slot gets device OrtValues, refreshed
 (`update_inplace`) only when the slot is rewritten, so a cached switch is a rebind.
-Runs may overlap: each takes its own binding.
+Runs may overlap: each takes its own binding. On CPU a resident task also gets a constant session
+(backends.constant_sessions) once the background worker has made it; its runs then use that.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import numpy as np
 from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.artifacts.integrity import REBUILD, BackgroundHash
 from rmt_deploy.errors import ArtifactError, MissingDependencyError, RmtError, require
+from rmt_deploy.runtime.backends.constant_sessions import ConstantSessions
 from rmt_deploy.runtime.backends.contract import CUDA_EP, parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
-from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
+from rmt_deploy.runtime.buffer_pool import Lease, TaskPool, TensorSpec
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
@@ -85,9 +87,13 @@ class OrtBackend:
         for spec in self.specs:  # the weights file must hold every tensor as declared, before any allocation
             self.weights.entry(self._weights_name(spec), spec.dtype, spec.shape)
         hashes = [BackgroundHash(bundle.file(rel), bundle.record(rel)) for rel in _graph_files(bundle, files["base"])]
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        self._constant_graph = (bundle.file(files["constant"]), bundle.record(files["constant"])) \
+            if kind == "cpu" and "constant" in files else None
+        self._constant: ConstantSessions | None = None
+        self._constant_absent = "this bundle has no constant graph (re-export it to get one)" if kind == "cpu" \
+            else "ONNX Runtime makes constant sessions on CPU only"
+        self._threads = threads
+        options = self._options()
         providers = [(CUDA_EP, {"device_id": index}), "CPUExecutionProvider"] if kind == "cuda" else \
             ["CPUExecutionProvider"]
         try:
@@ -103,6 +109,43 @@ class OrtBackend:
         self._lock = threading.Lock()
         self._device_slots: dict[int, tuple[int, dict[str, Any]]] = {}
         self._idle_bindings: dict[int, tuple[int, list[Any]]] = {}  # slot -> (generation, its IOBindings not in use)
+
+    def _options(self) -> Any:
+        options = self.ort.SessionOptions()
+        if self._threads is not None:
+            options.intra_op_num_threads = self._threads
+        return options
+
+    def attach_pool(self, pool: TaskPool, constant_sessions: bool) -> None:
+        """On CPU, with a bundle that has the constant graph: make constant sessions over the pool's slots."""
+        if not constant_sessions:
+            self._constant_absent = "turned off (Engine.load(..., constant_sessions=False))"
+        elif self._constant_graph is not None:
+            self._constant = ConstantSessions(*self._constant_graph, self._constant_session, pool)
+
+    def wait_background(self, timeout: float | None) -> bool:
+        return self._constant is None or self._constant.wait(timeout)
+
+    @property
+    def constant_stats(self) -> dict[str, Any]:
+        """Constant sessions: whether on, how many are ready now, how many were made, why off."""
+        held = self._constant
+        if held is None:
+            return {"on": False, "ready": 0, "made": 0, "off_because": self._constant_absent}
+        return {"on": held.off is None, "ready": held.ready_count(), "made": held.made, "off_because": held.off}
+
+    def _constant_session(self, graph: bytes, arrays: dict[str, np.ndarray]) -> Any:
+        """A session on the constant graph whose masked initializers are `arrays` (read in place)."""
+        options = self._options()
+        values = {key: self.ort.OrtValue.ortvalue_from_numpy(array) for key, array in arrays.items()}
+        options.add_external_initializers(list(values), list(values.values()))
+        session = self.ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        inputs, outputs = session.get_inputs(), [o.name for o in session.get_outputs()]
+        if [i.name for i in inputs] != [self.input_name] or self.output_name not in outputs:
+            raise ArtifactError(f"the constant graph's inputs {[i.name for i in inputs][:3]} / outputs {outputs} are "
+                                f"not the shared graph's ({self.input_name!r} -> {self.output_name!r}); {REBUILD}")
+        session.supplied_values = values  # the session reads these buffers: they live as long as it does
+        return session
 
     def _check_graph(self, path: Any) -> None:
         """Graph inputs and outputs (names, shapes, dtypes) must be the ones the manifest describes."""
@@ -136,9 +179,11 @@ class OrtBackend:
         return self.weights.read_all_into(outs, self.weights_record)
 
     def prepare(self, lease: Lease) -> None:
-        """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU there is nothing to do."""
+        """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU, ask for its constant session."""
         if self.kind == "cuda":
             self._device_values(lease)
+        elif self._constant is not None:
+            self._constant.session(lease)
 
     def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
         try:
@@ -162,6 +207,9 @@ class OrtBackend:
         return binding.copy_outputs_to_cpu()[0]
 
     def _run_cpu(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
+        constant = self._constant.session(lease) if self._constant is not None else None
+        if constant is not None:
+            return constant.run([self.output_name], {self.input_name: batch})[0]
         binding = self._take_binding(lease)
         try:
             binding.bind_cpu_input(self.input_name, batch)
@@ -204,6 +252,8 @@ class OrtBackend:
             return values
 
     def close(self) -> None:
+        if self._constant is not None:
+            self._constant.close()
         self._device_slots.clear()
         self._idle_bindings.clear()
         self.session = None

@@ -25,7 +25,7 @@ from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.artifacts.integrity import read_verified
 from rmt_deploy.artifacts.tensorrt_files import engine_mismatch
 from rmt_deploy.errors import ArtifactError, InputError, InternalError, MissingDependencyError
-from rmt_deploy.runtime.backends.contract import parse_device
+from rmt_deploy.runtime.backends.contract import NoBackgroundWork, parse_device
 from rmt_deploy.runtime.baseweights import SafetensorsReader
 from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
@@ -191,7 +191,7 @@ class _DeviceSlot:
     generation: int | None = None
 
 
-class TensorRTBackend:
+class TensorRTBackend(NoBackgroundWork):
     """Deserialised refittable engine; a switch = point the Refitter at a slot's device weights + async refit."""
 
     concurrent = False

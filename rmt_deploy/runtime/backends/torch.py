@@ -14,11 +14,11 @@ import numpy as np
 from rmt_deploy.artifacts.bundle import Bundle
 from rmt_deploy.artifacts.fingerprint import short
 from rmt_deploy.errors import ArtifactError, IncompatibleBaseError, MissingDependencyError, require
-from rmt_deploy.runtime.backends.contract import parse_device
+from rmt_deploy.runtime.backends.contract import NoBackgroundWork, parse_device
 from rmt_deploy.runtime.buffer_pool import Lease, TensorSpec
 
 
-class TorchBackend:
+class TorchBackend(NoBackgroundWork):
     """open_clip encode_image on CPU or CUDA; runs are serialised (one set of parameters)."""
 
     concurrent = False
