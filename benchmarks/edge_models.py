@@ -7,7 +7,8 @@ measurement runs in a fresh process (clean peak RSS, memory freed between models
   .rmtask, folded  bytes of task0's task file (10 classes) and of its folded model (.onnx plus external data)
   latency b1, b8   Engine.predict vs a plain InferenceSession on the folded model: interleaved rounds, medians
   switch           uncached switch vs the floor np.multiply(base, mask, out) (runtime.measure_switch)
-  peak RSS         an Engine serving the 8 tasks (cache_tasks=1, one batch each) vs one folded session
+  peak RSS         an Engine serving the 8 tasks (cache_tasks=1, one batch each: no constant session is
+                   asked for) vs one folded session; and serving one task steadily (its constant session made)
   train step       one R-AMT step on CPU, batch 8 at the model's resolution (train_step.timed_step)
   fp16             the fp16 export's folded model and Engine.predict, timed in the same rounds as fp32
 Writes benchmarks/results/edge_models.json and edge_models.md.
@@ -33,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from random_tasks import random_bundle  # noqa: E402  (benchmarks/random_tasks.py)
 from runtime import EXPORTED, TASKS, _engine, measure_switch  # noqa: E402  (benchmarks/runtime.py)
-from small_model_overhead import measure  # noqa: E402  (interleaved rounds of calls, medians)
+from small_model_overhead import measure, settled  # noqa: E402  (interleaved rounds of calls, medians)
 
 from rmt_deploy.bench.memory import peak_rss_mb  # noqa: E402
 from rmt_deploy.bench.sessions import folded_session  # noqa: E402
@@ -47,7 +48,7 @@ MODELS = {  # open_clip 3.3 name -> mask groups (docs/families.md's recommendati
     "RN50": ("attn",),
     "ViT-B-16": ("attn",),
 }
-STAGES = ("prepare", "switch", "latency", "rss-engine", "rss-folded", "train")
+STAGES = ("prepare", "switch", "latency", "rss-engine", "rss-steady", "rss-folded", "train")
 FP16 = "fp16"  # the fp16 bundle's folder in a model's work dir (task1 only, shared + folded)
 ROUND_S = 0.02  # calls per round: enough that one contender's share of a round lasts this long
 BATCH_BUDGET_S = 150.0  # fewer rounds (at least 3) where one batch size's rounds would take longer
@@ -145,14 +146,14 @@ def contenders(work: Path, threads: int) -> tuple[dict[str, Callable[[np.ndarray
     from rmt_deploy.artifacts.bundle import Bundle
     from rmt_deploy.runtime.engine import Engine
 
-    engine = _engine(work, threads, cache_tasks=2)
+    engine = settled(_engine(work, threads, cache_tasks=2), images(work / "bundle", 1), TASKS[1])
     folded = folded_session(Bundle.open(work / "bundle"), TASKS[1], threads)
     fns = {"engine": lambda x: engine.predict(x, task=TASKS[1]).logits,
            "folded": lambda x: folded.run(None, {"image": x})[0]}
     errors = {}
     if (work / FP16 / "manifest.json").is_file():
         try:
-            half = Engine.load(work / FP16, task=TASKS[1], threads=threads)
+            half = settled(Engine.load(work / FP16, task=TASKS[1], threads=threads), images(work / "bundle", 1))
             half_folded = folded_session(Bundle.open(work / FP16), TASKS[1], threads)
             halves = {"fp16-engine": lambda x: half.predict(x, task=TASKS[1]).logits,
                       "fp16-folded": lambda x: half_folded.run(None, {"image": x})[0]}
@@ -207,6 +208,9 @@ def measure_rss(work: Path, threads: int, what: str) -> dict[str, Any]:
         folded_session(Bundle.open(work / "bundle"), TASKS[0], threads).run(None, {"image": x})
         return {"peak_rss_mb": peak_rss_mb()}
     engine = _engine(work, threads, cache_tasks=1)
+    if what == "rss-steady":  # one task served steadily: its constant session is made and used
+        settled(engine, x, TASKS[0]).predict(x, task=TASKS[0])
+        return {"peak_rss_mb": peak_rss_mb(), "constant_sessions": engine.session_stats["made"]}
     for name in TASKS:
         engine.predict(x, task=name)
     assert engine.cache_stats["misses"] >= len(TASKS) - 1, engine.cache_stats
@@ -315,10 +319,10 @@ def table_row(name: str, row: dict[str, Any]) -> str:
     prep = row.get("prepare", {})
     if "error" in prep:
         return f"| {name} | {','.join(row['groups'])} | not measured: the preparation failed (see notes) |" + " - |" * 8
-    rss = row["rss-engine"], row["rss-folded"]
-    rss_cell = "failed (see notes)" if any("error" in r for r in rss) else (
-        f"{rss[0]['peak_rss_mb']:.0f} / {rss[1]['peak_rss_mb']:.0f} MiB "
-        f"({rss[0]['peak_rss_mb'] / rss[1]['peak_rss_mb']:.2f}x)")
+    rss = [row.get(stage, {"error": "not run"})["peak_rss_mb"] if "peak_rss_mb" in row.get(stage, {}) else None
+           for stage in ("rss-engine", "rss-steady", "rss-folded")]
+    rss_cell = "failed (see notes)" if None in rss else (
+        f"{rss[0]:.0f} / {rss[1]:.0f} / {rss[2]:.0f} MiB ({rss[0] / rss[2]:.2f}x, {rss[1] / rss[2]:.2f}x)")
     cells = [
         f"{_count(prep['masked_weights'])} of {_count(prep['tower_params'])} ({prep['masked_share']:.0%})",
         _bytes(prep["rmtask_bytes"]),
@@ -360,8 +364,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']['cpus']} CPUs, load {report['machine']['load_before'][0]:.1f} before. "
         "`benchmarks/edge_models.py`.",
         "Latency and switch cells: rmt-deploy / baseline ms (ratio); latency's baseline is a plain session on the "
-        "folded model, the switch's the floor np.multiply(base, mask); RSS: Engine serving 8 tasks with "
-        "cache_tasks=1 / one folded session.",
+        "folded model, the switch's the floor np.multiply(base, mask); the engine's latency is its constant "
+        "session's (made, waited for); peak RSS: Engine serving 8 tasks with cache_tasks=1 (one batch each, no "
+        "constant session) / serving one task steadily (its constant session made) / one folded session.",
         "",
         "| model | groups | masked weights | .rmtask | folded model | batch 1 ms | batch 8 ms | uncached switch ms "
         "| peak RSS | train step (batch 8) | fp16 folded, ORT CPU |",

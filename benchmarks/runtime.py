@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from random_tasks import random_bundle  # benchmarks/random_tasks.py
+from small_model_overhead import settled  # benchmarks/small_model_overhead.py
 
 from rmt_deploy.bench.memory import peak_rss_mb
 from rmt_deploy.bench.sessions import folded_session
@@ -114,7 +115,7 @@ def measure_latency(work: Path, threads: int, repeats: int) -> dict:
     out = {}
     for batch in (1, 8):
         images = _images(batch)
-        np.testing.assert_allclose(engine.predict(images, task=TASKS[1]).logits,
+        np.testing.assert_allclose(settled(engine, images, TASKS[1]).predict(images, task=TASKS[1]).logits,
                                    plain.run(None, {"image": images})[0], rtol=1e-4, atol=1e-3)
         shared, folded = [], []
         for _ in range(repeats):  # interleaved, so both see the same machine load

@@ -410,8 +410,9 @@ class Engine:
 
 def _check_finite(logits: np.ndarray, embeddings: np.ndarray, task: str, preprocessed: bool) -> None:
     """A NaN or Inf answer is never returned: InputError for a caller's preprocessed batch, else ArtifactError."""
-    if np.isfinite(np.add.reduce(logits, axis=None) + np.add.reduce(embeddings, axis=None)):
-        return  # one reduction each: a NaN or Inf anywhere makes the sum non-finite (the usual case costs 2 us)
+    if np.isfinite(np.add.reduce(logits, axis=None)):
+        return  # one reduction: a NaN or Inf in the logits, or in an embedding (every logit reads all of it),
+        # makes the sum non-finite; the usual case costs 1 us
     bad = ~(np.isfinite(logits).all(axis=1) & np.isfinite(embeddings).all(axis=1))
     if not bad.any():
         return  # every value finite, only their sum overflowed

@@ -14,6 +14,7 @@ pytest.importorskip("timm")
 pytest.importorskip("onnxruntime")
 
 from rmt_deploy.errors import IncompatibleBaseError  # noqa: E402
+from rmt_deploy.runtime.backends.constant_sessions import ASK_AFTER_USES  # noqa: E402
 from rmt_deploy.runtime.engine import Engine  # noqa: E402
 
 FAMILIES = families.FAMILIES  # model -> the mask groups its tasks train (None: the default, attn)
@@ -44,6 +45,8 @@ def test_engine_equals_folded_and_masked_torch_and_switches_exactly(family, mode
         first = {}
         for task in ("a", "b", "a"):
             engine.switch(task)
+            for _ in range(ASK_AFTER_USES):  # the runs after which the task's session is asked for
+                engine.predict(images)
             assert engine.wait_ready(60)
             assert engine.session_stats["ready"] == int(constant)
             got = engine.predict(images).logits

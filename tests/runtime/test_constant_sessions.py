@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from rmt_deploy.runtime.backends.constant_sessions import ConstantSessionWarning
+from rmt_deploy.runtime.backends.constant_sessions import ASK_AFTER_USES, ConstantSessionWarning
 from rmt_deploy.runtime.engine import Engine
 
 pytest.importorskip("onnxruntime")
@@ -27,12 +27,21 @@ def _close(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _serve(engine, images, task, want=None):
+    """The runs after which a task's session is asked for (each checked against `want`)."""
+    for _ in range(ASK_AFTER_USES):
+        got = engine.predict(images, task=task).logits
+        if want is not None:
+            _close(got, want)
+
+
 def test_resident_tasks_get_sessions_that_answer_as_the_fed_graph_and_the_folded_model(onnx_bundle, images,
                                                                                        fed_logits):
     import onnxruntime as ort
 
     with Engine.load(onnx_bundle, task="alpha", threads=1) as engine:
-        first = engine.predict(images, task="beta").logits  # beta's session is asked for, not waited for
+        for task in ("alpha", "beta"):
+            _serve(engine, images, task, fed_logits[task])  # sessions asked for, not waited for
         assert engine.wait_ready(60)
         assert engine.session_stats == {"on": True, "ready": 2, "made": 2, "off_because": None}
         for task in ("alpha", "beta"):
@@ -40,7 +49,14 @@ def test_resident_tasks_get_sessions_that_answer_as_the_fed_graph_and_the_folded
             _close(got, fed_logits[task])
             folded = ort.InferenceSession(str(onnx_bundle.folded_path(task)), providers=["CPUExecutionProvider"])
             np.testing.assert_allclose(got, folded.run(None, {"image": images})[0], rtol=1e-5, atol=1e-4)
-        _close(first, fed_logits["beta"])
+
+
+def test_a_task_served_once_per_stay_in_its_buffer_costs_no_session(onnx_bundle, images, fed_logits):
+    """Round-robin over more tasks than buffers: every task is evicted after one run; no session is made."""
+    with Engine.load(onnx_bundle, task="alpha", cache_tasks=1, threads=1) as engine:
+        for task in ["beta", "gamma", "alpha"] * 3:
+            _close(engine.predict(images, task=task).logits, fed_logits[task])
+        assert engine.wait_ready(60) and engine.session_stats["made"] == 0
 
 
 def test_a_rewritten_buffer_never_answers_through_the_session_of_its_old_task(onnx_bundle, images, fed_logits):
@@ -48,10 +64,10 @@ def test_a_rewritten_buffer_never_answers_through_the_session_of_its_old_task(on
     with Engine.load(onnx_bundle, task="alpha", cache_tasks=1, threads=1) as engine:
         for task in ("beta", "alpha", "gamma", "alpha", "beta"):
             assert engine.wait_ready(60)  # the previous task's session is ready: it must not be used now
+            _serve(engine, images, task, fed_logits[task])
+            assert engine.wait_ready(60) and engine.session_stats["ready"] == 1
             _close(engine.predict(images, task=task).logits, fed_logits[task])
-            assert engine.wait_ready(60)
-            _close(engine.predict(images, task=task).logits, fed_logits[task])
-        assert engine.session_stats["made"] == 6 and engine.session_stats["ready"] == 1
+        assert engine.session_stats["made"] == 5
 
 
 def test_runs_on_many_threads_while_sessions_are_made_each_see_one_task(onnx_bundle, images, fed_logits):
@@ -87,10 +103,11 @@ def test_a_damaged_constant_graph_turns_constant_sessions_off_with_one_warning(o
     _damage_constant_graph(root)
     with pytest.warns(ConstantSessionWarning, match=r"base_constant.onnx: constant sessions are off .*sha256"):
         with Engine.load(root, task="alpha", threads=1) as engine:
+            _serve(engine, images, "alpha", fed_logits["alpha"])
             assert engine.wait_ready(60)
             stats = engine.session_stats
             for task in engine.tasks:
-                _close(engine.predict(images, task=task).logits, fed_logits[task])
+                _serve(engine, images, task, fed_logits[task])
             assert engine.wait_ready(60) and engine.session_stats["made"] == 0
     assert stats["on"] is False and "sha256" in stats["off_because"]
 
@@ -99,10 +116,11 @@ def test_a_constant_graph_changed_after_load_is_never_used(onnx_bundle, images, 
     """alpha's session was made from the verified graph and stays; beta's would read the changed file: none."""
     root = copy_bundle(onnx_bundle.root, tmp_path)
     with Engine.load(root, task="alpha", threads=1) as engine:
+        _serve(engine, images, "alpha")
         assert engine.wait_ready(60) and engine.session_stats["ready"] == 1
         _damage_constant_graph(root)
         with pytest.warns(ConstantSessionWarning):
-            _close(engine.predict(images, task="beta").logits, fed_logits["beta"])
+            _serve(engine, images, "beta", fed_logits["beta"])
             assert engine.wait_ready(60)
         assert engine.session_stats["made"] == 1 and "sha256" in engine.session_stats["off_because"]
         for task in ("alpha", "beta", "gamma"):
@@ -119,15 +137,17 @@ def test_a_bundle_without_a_constant_graph_is_served_through_the_fed_graph(onnx_
     (root / "manifest.json").write_text(json.dumps(doc))
     (root / "base_constant.onnx").unlink()
     with Engine.load(root, threads=1) as engine:
+        for task in engine.tasks:
+            _serve(engine, images, task)
+            np.testing.assert_array_equal(engine.predict(images, task=task).logits, fed_logits[task])
         assert engine.wait_ready(1)
         assert engine.session_stats["on"] is False and "no constant graph" in engine.session_stats["off_because"]
-        for task in engine.tasks:
-            np.testing.assert_array_equal(engine.predict(images, task=task).logits, fed_logits[task])
 
 
 def test_closing_while_a_session_is_made_stops_the_worker(onnx_bundle, images):
     for _ in range(5):
-        engine = Engine.load(onnx_bundle, task="alpha", threads=1)  # alpha's session is being made now
+        engine = Engine.load(onnx_bundle, task="alpha", threads=1)
+        _serve(engine, images, "alpha")  # alpha's session is being made now
         engine.close()
         assert not [t for t in threading.enumerate() if t.name == WORKER and t.is_alive()]
 
@@ -140,9 +160,9 @@ def test_constant_sessions_of_fp16_and_initializer_default_bundles(make_bundle, 
         want = {task: fed.predict(images, task=task).logits for task in fed.tasks}
     with Engine.load(bundle, threads=1) as engine:
         for task in engine.tasks:
-            engine.switch(task)
+            _serve(engine, images, task)
             assert engine.wait_ready(60)
-            np.testing.assert_allclose(engine.predict(images).logits, want[task], rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(engine.predict(images, task=task).logits, want[task], rtol=1e-3, atol=1e-3)
         assert engine.session_stats["made"] == 2 and engine.session_stats["on"]
 
 

@@ -1,6 +1,7 @@
 """A live Engine never dies and never answers differently because a bundle file changed after it loaded.
 
-Every bundle file (base graph, base weights, a task file, a folded model, the manifest) x (truncate,
+Every bundle file (base graph, base weights, a task file, a folded model, the manifest, the constant graph
+that constant sessions are made from: read again for each) x (truncate,
 same-size rewrite, delete, replace with another bundle's): tasks already read answer exactly as
 before; a task read after the change answers as before or fails alone with an ArtifactError naming
 its file. The engine keeps two buffers for three tasks, so the change is followed by a new buffer
@@ -22,7 +23,7 @@ from rmt_deploy.tools.bundle_edit import add_tasks, remove_tasks
 pytest.importorskip("onnxruntime")
 
 FILES = {"base graph": "base.onnx", "base weights": "base_weights.safetensors", "task file": "tasks/beta.rmtask",
-         "folded model": "folded/beta.onnx", "manifest": "manifest.json"}
+         "folded model": "folded/beta.onnx", "manifest": "manifest.json", "constant graph": "base_constant.onnx"}
 CHANGES = ["truncate", "same-size rewrite", "delete", "replace with another bundle's"]
 
 

@@ -7,7 +7,9 @@ those weights as initializers stored nowhere; a constant session is made on it w
 buffers handed over (SessionOptions.add_external_initializers: read in place, not copied), on a background
 thread, while runs go on through the fed session. The slot is pinned while the session is made (ONNX
 Runtime prepacks from the buffers then), and the session serves only the slot contents (generation) it
-was made over: once the slot is rewritten, its next run drops it and asks for a new one.
+was made over: once the slot is rewritten, its next run drops it. A session is asked for at the
+ASK_AFTER_USES-th prediction over the same slot contents, so a task served once and evicted (round-robin over
+more tasks than buffers, uncached switches) costs no session it would never use.
 
 The graph file is read when a session is made, checked against the manifest's record first: a file that
 changed after load, or any failure to make a session, turns constant sessions off with one warning, and
@@ -26,6 +28,7 @@ from rmt_deploy.artifacts.integrity import FileRecord, read_verified
 from rmt_deploy.runtime.buffer_pool import BASE, Lease, TaskPool
 
 MAX_GRAPH_BYTES = 1 << 31  # protobuf's limit: a larger constant graph is never written
+ASK_AFTER_USES = 2         # leases (predictions) of one slot's contents before its session is asked for
 
 
 class ConstantSessionWarning(UserWarning):
@@ -43,20 +46,26 @@ class ConstantSessions:
         self._ready: dict[int, tuple[int, Any]] = {}   # slot -> (generation, session)
         self._queued: dict[int, int] = {}              # slot -> generation to make a session for
         self._making: tuple[int, int] | None = None    # (slot, generation) of the session being made
+        self._uses: dict[int, tuple[Lease, int]] = {}   # slot -> (its last lease run, leases of its contents)
         self._off: str | None = None                   # why constant sessions are off, once they are
         self._closed = False
         self._worker: threading.Thread | None = None
         self.made = 0
 
     def session(self, lease: Lease) -> Any | None:
-        """The session over the lease's slot contents if made; else None, and one is asked for."""
+        """The session over the lease's slot contents for a run, if made; else None (and at that contents'
+        ASK_AFTER_USES-th lease, one is asked for)."""
         with self._cond:
             held = self._ready.get(lease.slot)
             if held is not None and held[0] == lease.generation:
                 return held[1]
             if held is not None:
                 del self._ready[lease.slot]  # made over contents the slot no longer holds
-            if self._off is None and not self._closed and lease.task != BASE \
+            last, uses = self._uses.get(lease.slot, (None, 0))
+            if last is not lease:  # one lease runs each part of a batch split at max_batch: one use
+                uses = uses + 1 if last is not None and last.generation == lease.generation else 1
+                self._uses[lease.slot] = (lease, uses)
+            if uses >= ASK_AFTER_USES and self._off is None and not self._closed and lease.task != BASE \
                     and self._queued.get(lease.slot) != lease.generation \
                     and self._making != (lease.slot, lease.generation):
                 self._queued[lease.slot] = lease.generation

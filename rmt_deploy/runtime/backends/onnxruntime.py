@@ -179,11 +179,9 @@ class OrtBackend:
         return self.weights.read_all_into(outs, self.weights_record)
 
     def prepare(self, lease: Lease) -> None:
-        """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU, ask for its constant session."""
+        """On CUDA, copy a rewritten slot to its device OrtValues now; on CPU there is nothing to do."""
         if self.kind == "cuda":
             self._device_values(lease)
-        elif self._constant is not None:
-            self._constant.session(lease)
 
     def run(self, batch: np.ndarray, lease: Lease) -> np.ndarray:
         try:
