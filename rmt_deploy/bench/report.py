@@ -11,10 +11,19 @@ def _fmt_ms(stats: dict[str, float] | None) -> str:
     return "-" if not stats else f"{stats['p50']:.3f}"
 
 
+def _sessions_line(results: dict[str, Any]) -> str:
+    sessions = results.get("sessions")
+    if not sessions:
+        return "constant sessions: not recorded"
+    if sessions.get("on"):
+        return f"constant sessions: {sessions['ready']} ready (each resident task runs with its weights constant)"
+    return f"constant sessions: off, {sessions.get('off_because')}"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A readable summary: latency per variant and batch, switches, load, memory, disk."""
     lines = [f"bundle {results['bundle']['path']}  model {results['bundle']['model']}  "
-             f"backend {results['backend']}  ({results['machine']['cpus']} CPUs)", "",
+             f"backend {results['backend']}  ({results['machine']['cpus']} CPUs)", _sessions_line(results), "",
              f"{'variant':<28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>9}"]
     for row in results["latency"]:
         lines.append(f"{row['variant']:<28} {row['batch']:>5} {row['p50']:>9.2f} {row['p90']:>9.2f} "

@@ -25,6 +25,8 @@ from rmt_deploy.bench.timing import interleaved, summarize_ms, time_call
 from rmt_deploy.errors import InputError, InternalError
 
 SCHEMA_ID = "rmt-deploy.bench/1"
+WARMUP_CALLS = 2        # a resident task's constant session is asked for at its 2nd prediction
+SESSIONS_TIMEOUT_S = 300  # how long the warm-up waits for the constant sessions to be made
 
 
 @dataclass
@@ -125,8 +127,11 @@ class _Runner:
                     feed = {session.get_inputs()[0].name: batch}
                     fns[f"folded:{task}"] = lambda s=session, f=feed: s.run(None, f)
             fns["base"] = lambda: self.engine.embed(batch, BASE)
-            for fn in fns.values():  # warm-up, which also makes every task resident
-                fn()
+            for _ in range(WARMUP_CALLS):  # makes every task resident and asks for its constant session
+                for fn in fns.values():
+                    fn()
+            if not self.engine.wait_ready(SESSIONS_TIMEOUT_S):
+                raise InternalError(f"constant sessions not made within {SESSIONS_TIMEOUT_S} s")
             misses = self.engine.cache_stats["misses"]
             timed = interleaved(fns, self.config.repeats, warmup=0, tick=self.tick)
             if self.engine.cache_stats["misses"] != misses:
@@ -160,6 +165,7 @@ class _Runner:
         return result
 
     def close(self) -> None:
+        self.sessions = self.engine.session_stats  # as timed: constant sessions made, or why they are off
         self.engine.close()
         self.folded.clear()
 
@@ -189,6 +195,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                    "tasks": tasks},
         "config": {**asdict(config), "bundle": str(config.bundle)},
         "backend": runner.engine.backend,
+        "sessions": runner.sessions,
         "latency": latency,
         "load_s": {"shared_engine": runner.load_s, "folded_sessions": runner.folded_load_s},
         "switch": switch,

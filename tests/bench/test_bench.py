@@ -38,6 +38,9 @@ def test_bench_writes_schema_valid_json_and_png(bundle, tmp_path, capsys):
     assert results["disk"]["tasks"]["alpha"]["folded_bytes"] > results["disk"]["tasks"]["alpha"]["rmtask_bytes"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 5000
     assert "shared:alpha" in table and "switch (p50 ms)" in table
+    # timed in steady state: each resident task with its constant session
+    assert results["sessions"]["on"] and results["sessions"]["ready"] == 2
+    assert "constant sessions: 2 ready" in table
 
 
 def test_schema_rejects_a_result_without_latency(bundle, tmp_path):

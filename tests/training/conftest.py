@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def write_coop_dataset(
             for i in range(count):
                 suffix = ".png" if i % 2 == 0 else ".jpg"
                 rel = f"{cname}/{part}_{i}{suffix}"
-                write_image(root / folder / image_dir / rel, label, hash((part, i)) % 997)
+                write_image(root / folder / image_dir / rel, label, zlib.crc32(f"{part}/{i}".encode()) % 997)
                 entries.append([rel, label, cname])
         split[part] = entries
     (root / folder / split_file).write_text(json.dumps(split))

@@ -30,9 +30,13 @@ def test_torchrun_two_processes_matches_one_process(trained, tiny_checkpoint, co
     state = torch.load(tmp_path / "checkpoints" / "epoch_0003.pt", weights_only=True)
     assert len(state["rng"]) == 2  # each rank's RNG states
 
-    # same global batches and augmentations as the 1-process `trained` run: the same masks
+    # same global batches and augmentations as the 1-process `trained` run: the same masks. Gradients are
+    # summed in another order (float32, 1e-7 apart), and Adam turns a near-zero gradient's sign into a whole
+    # step (lr), so now and then a score or two land apart: across 18 data seeds the largest difference was
+    # 6e-8 to 1e-5, and once in CI 2e-4+. Runs on other batches (another seed) differ in 94% of the scores.
     single = torch.load(trained / "checkpoints" / "epoch_0003.pt", weights_only=True)["scores"]
-    assert torch.allclose(state["scores"], single, atol=2e-4)
+    apart = (state["scores"] - single).abs() > 2e-4
+    assert float(apart.float().mean()) <= 1e-3, f"{int(apart.sum())} of {apart.numel()} scores differ"
     two, one = TaskPack.load(tmp_path / "dtd.rmtask"), TaskPack.load(trained / "dtd.rmtask")
     differ = sum(int((two.masks[n] != one.masks[n]).sum()) for n in one.masks)
     total = sum(m.size for m in one.masks.values())
