@@ -15,6 +15,7 @@ Writes benchmarks/results/edge_models.json and edge_models.md.
 
     .venv/bin/python benchmarks/edge_models.py [--models rmt-tiny-vit,MobileCLIP2-S0,...] [--rounds 15]
         [--quick (3 rounds, 1 training step: a smoke run)] [--threads 2] [--zeros 0.025] [--train-steps 3]
+        [--update (re-measure only --models, keep the other rows)]
 """
 from __future__ import annotations
 
@@ -397,6 +398,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="3 rounds and 1 training step: a smoke run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models' rows of the committed results, replace these models' rows")
     parser.add_argument("--zeros", type=float, default=0.025)
     parser.add_argument("--train-steps", type=int, default=3, help="R-AMT steps timed after one warm-up step")
     parser.add_argument("--child", choices=STAGES, default=None, help=argparse.SUPPRESS)
@@ -406,6 +409,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick and not args.child:
         args.rounds, args.train_steps = min(args.rounds, 3), 1
     return args
+
+
+def _updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The committed report with `new`'s models re-measured (in MODELS order); each model keeps its own run's
+    settings and machine load."""
+    models = {**old["models"], **{name: {**row, "run": {k: new[k] for k in ("settings", "machine", "wall_s")}}
+                                  for name, row in new["models"].items()}}
+    order = [m for m in MODELS if m in models] + [m for m in models if m not in MODELS]
+    return {**old, "models": {name: models[name] for name in order}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "load_before": load, "load_after": os.getloadavg()},
               "versions": versions(), "wall_s": time.perf_counter() - started, "models": models}
+    if args.update and (RESULTS / "edge_models.json").exists():
+        report = _updated(json.loads((RESULTS / "edge_models.json").read_text()), report)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "edge_models.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

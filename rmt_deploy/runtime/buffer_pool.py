@@ -202,6 +202,12 @@ class TaskPool:
             held.refs += 1
             return Lease(held.task, held.index, held.generation, held.arrays)
 
+    def still_holds(self, slot: int, generation: int) -> bool:
+        """Whether buffer `slot` still holds contents `generation` (not rewritten since)."""
+        with self._cond:
+            held = self._slots[slot] if 0 <= slot < len(self._slots) else None
+            return held is not None and held.generation == generation and held.ready
+
     def release(self, lease: Lease) -> None:
         with self._cond:
             slot = self._slots[lease.slot]

@@ -41,6 +41,7 @@ from rmt_deploy.artifacts.task_file import TaskPack
 from rmt_deploy.errors import ArtifactError, InputError, RmtError, UnknownTaskError
 from rmt_deploy.runtime import backends
 from rmt_deploy.runtime.backends import Backend
+from rmt_deploy.runtime.backends.constant_sessions import session_limit
 from rmt_deploy.runtime.buffer_pool import BASE, Lease, TaskPool, TensorSpec, ZeroSet
 from rmt_deploy.runtime.preprocess import ImageTransform, to_batch
 from rmt_deploy.runtime.task_reader import CompactTask, LazyZeros, TaskHead, read_compact
@@ -136,23 +137,25 @@ class Engine:
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, task: str | None = None, backend: str = "auto",
              device: str = "cpu", cache_tasks: int = 2, threads: int | None = None,
-             warm_bytes: int = DEFAULT_WARM_BYTES, constant_sessions: bool = True) -> "Engine":
+             warm_bytes: int = DEFAULT_WARM_BYTES, constant_sessions: int | bool = True) -> "Engine":
         """Open a bundle, list its tasks (each read and verified at its first use) and make `task`
         (default: the first) current. `cache_tasks`: dense buffers (resident tasks); `warm_bytes`:
         budget for decoded tasks kept ready to switch to. `constant_sessions` (ONNX Runtime on CPU, bundles
-        with a constant graph): each resident task gets a session of its own, made in the background, whose
-        masked weights are constants: as fast as the folded model, for about one more model's memory per
-        resident task (docs/performance.md)."""
+        with a constant graph): how many resident tasks get a session of their own, made in the background
+        once a task is served twice, whose masked weights are constants: as fast as the folded model, for
+        one to two models' weights of memory each (True: 1, the hot task; 0 or False: off;
+        docs/performance.md#constant-sessions)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle)
         if task is not None:
             bundle.task_path(task)  # unknown task: fail before the expensive part
         check_warm_bytes(warm_bytes)
+        sessions = session_limit(constant_sessions)
         impl = backends.create(bundle, backend, device, threads)
         pool = None
         try:
             pool = _make_pool(bundle, impl, cache_tasks, threads)
-            impl.attach_pool(pool, bool(constant_sessions))
+            impl.attach_pool(pool, sessions)
             engine = cls(bundle, impl, pool, warm_bytes)
             engine._load_tasks(task)
             return engine

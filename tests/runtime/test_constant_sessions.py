@@ -39,11 +39,11 @@ def test_resident_tasks_get_sessions_that_answer_as_the_fed_graph_and_the_folded
                                                                                        fed_logits):
     import onnxruntime as ort
 
-    with Engine.load(onnx_bundle, task="alpha", threads=1) as engine:
+    with Engine.load(onnx_bundle, task="alpha", threads=1, constant_sessions=2) as engine:
         for task in ("alpha", "beta"):
             _serve(engine, images, task, fed_logits[task])  # sessions asked for, not waited for
         assert engine.wait_ready(60)
-        assert engine.session_stats == {"on": True, "ready": 2, "made": 2, "off_because": None}
+        assert engine.session_stats == {"on": True, "ready": 2, "made": 2, "limit": 2, "off_because": None}
         for task in ("alpha", "beta"):
             got = engine.predict(images, task=task).logits
             _close(got, fed_logits[task])
@@ -73,7 +73,7 @@ def test_a_rewritten_buffer_never_answers_through_the_session_of_its_old_task(on
 def test_runs_on_many_threads_while_sessions_are_made_each_see_one_task(onnx_bundle, images, fed_logits):
     tasks = ["alpha", "beta", "gamma"]
     failures: list[str] = []
-    with Engine.load(onnx_bundle, cache_tasks=2, threads=1) as engine:
+    with Engine.load(onnx_bundle, cache_tasks=2, threads=1, constant_sessions=2) as engine:
         def work(seed: int) -> None:
             rng = np.random.default_rng(seed)
             for _ in range(25):
@@ -81,12 +81,17 @@ def test_runs_on_many_threads_while_sessions_are_made_each_see_one_task(onnx_bun
                 got = engine.predict(images, task=task).logits
                 if not np.allclose(got, fed_logits[task], rtol=1e-6, atol=1e-6):
                     failures.append(task)
+        _serve(engine, images, "alpha")  # alpha's session is asked for: made while the threads run
         threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert engine.session_stats["made"] >= 2
+        for task in ("beta", "gamma"):  # gamma's session needs beta's buffer: only gamma's is held after
+            _serve(engine, images, task, fed_logits[task])
+            assert engine.wait_ready(60)
+        assert engine.session_stats["made"] >= 1 and engine.session_stats["ready"] >= 1
+        _close(engine.predict(images, task="gamma").logits, fed_logits["gamma"])
     assert failures == []
 
 
@@ -115,7 +120,7 @@ def test_a_damaged_constant_graph_turns_constant_sessions_off_with_one_warning(o
 def test_a_constant_graph_changed_after_load_is_never_used(onnx_bundle, images, fed_logits, copy_bundle, tmp_path):
     """alpha's session was made from the verified graph and stays; beta's would read the changed file: none."""
     root = copy_bundle(onnx_bundle.root, tmp_path)
-    with Engine.load(root, task="alpha", threads=1) as engine:
+    with Engine.load(root, task="alpha", threads=1, constant_sessions=2) as engine:
         _serve(engine, images, "alpha")
         assert engine.wait_ready(60) and engine.session_stats["ready"] == 1
         _damage_constant_graph(root)
@@ -158,7 +163,7 @@ def test_constant_sessions_of_fp16_and_initializer_default_bundles(make_bundle, 
     bundle = make_bundle(task_specs.two, mode="shared", fp16=kind == "fp16", masked_inputs=masked_inputs)
     with Engine.load(bundle, threads=1, constant_sessions=False) as fed:
         want = {task: fed.predict(images, task=task).logits for task in fed.tasks}
-    with Engine.load(bundle, threads=1) as engine:
+    with Engine.load(bundle, threads=1, constant_sessions=2) as engine:
         for task in engine.tasks:
             _serve(engine, images, task)
             assert engine.wait_ready(60)
@@ -181,4 +186,25 @@ def test_export_writes_a_constant_graph_whose_weights_are_stored_nowhere(onnx_bu
 
 def test_engine_load_without_constant_sessions_says_why(onnx_bundle):
     with Engine.load(onnx_bundle, threads=1, constant_sessions=False) as engine:
-        assert "constant_sessions=False" in engine.session_stats["off_because"]
+        assert "constant_sessions=0" in engine.session_stats["off_because"]
+
+
+def test_sessions_beyond_the_limit_wait_for_a_held_one_to_go(onnx_bundle, images, fed_logits):
+    """The default limit is one session: beta, served while alpha holds it, gets none; once alpha's buffer is
+    rewritten (gamma), alpha's session goes and gamma, served twice, takes its place."""
+    with Engine.load(onnx_bundle, task="alpha", cache_tasks=2, threads=1) as engine:
+        for task, made in (("alpha", 1), ("beta", 1), ("gamma", 2)):
+            _serve(engine, images, task, fed_logits[task])
+            assert engine.wait_ready(60)
+            assert engine.session_stats["made"] == made and engine.session_stats["ready"] == 1
+        assert engine.session_stats["limit"] == 1
+        for task in ("beta", "gamma"):
+            _close(engine.predict(images, task=task).logits, fed_logits[task])
+
+
+@pytest.mark.parametrize("value", [-1, "2", 1.5])
+def test_a_bad_session_limit_is_one_line(onnx_bundle, value):
+    from rmt_deploy.errors import InputError
+
+    with pytest.raises(InputError, match=rf"constant_sessions={value!r} must be an integer >= 0"):
+        Engine.load(onnx_bundle, constant_sessions=value)

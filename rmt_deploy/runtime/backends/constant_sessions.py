@@ -9,7 +9,10 @@ thread, while runs go on through the fed session. The slot is pinned while the s
 Runtime prepacks from the buffers then), and the session serves only the slot contents (generation) it
 was made over: once the slot is rewritten, its next run drops it. A session is asked for at the
 ASK_AFTER_USES-th prediction over the same slot contents, so a task served once and evicted (round-robin over
-more tasks than buffers, uncached switches) costs no session it would never use.
+more tasks than buffers, uncached switches) costs no session it would never use. At most `limit` sessions
+are held: each costs about one to two models' weights of memory (ONNX Runtime's own copy of the unmasked
+weights and its prepacked copies), so by default only the first task served twice gets one; a session goes
+when its slot is rewritten, and the next task served twice takes its place.
 
 The graph file is read when a session is made, checked against the manifest's record first: a file that
 changed after load, or any failure to make a session, turns constant sessions off with one warning, and
@@ -25,10 +28,26 @@ from typing import Any, Callable
 import numpy as np
 
 from rmt_deploy.artifacts.integrity import FileRecord, read_verified
+from rmt_deploy.errors import InputError
 from rmt_deploy.runtime.buffer_pool import BASE, Lease, TaskPool
 
 MAX_GRAPH_BYTES = 1 << 31  # protobuf's limit: a larger constant graph is never written
-ASK_AFTER_USES = 2         # leases (predictions) of one slot's contents before its session is asked for
+ASK_AFTER_USES = 32  # leases (predictions) of one slot's contents before its session is asked for: making one
+# costs about 30 of the runs it speeds up by 8% (MobileCLIP2-S0: 74 ms against 2.5 ms saved a run), so a task
+# that stays resident for only a few predictions (round-robin over more tasks than buffers) is not worth one
+
+
+DEFAULT_LIMIT = 1            # constant sessions an engine holds unless told otherwise (the hot task's)
+
+
+def session_limit(value: object) -> int:
+    """Engine.load's `constant_sessions` as a number of sessions: an int >= 0, True (DEFAULT_LIMIT) or False (0)."""
+    if isinstance(value, bool):
+        return DEFAULT_LIMIT if value else 0
+    if not isinstance(value, int) or value < 0:
+        raise InputError(f"constant_sessions={value!r} must be an integer >= 0 (0 turns them off; default "
+                         f"{DEFAULT_LIMIT}, at most one per resident task is used)")
+    return value
 
 
 class ConstantSessionWarning(UserWarning):
@@ -39,9 +58,11 @@ class ConstantSessions:
     """Per pool slot, a session on the constant graph over that slot's buffers, made in the background."""
 
     def __init__(self, graph: Path, record: FileRecord | None, make: Callable[[bytes, dict[str, np.ndarray]], Any],
-                 pool: TaskPool):
-        """`make(graph_bytes, arrays)`: a checked session whose supplied initializers are `arrays`."""
+                 pool: TaskPool, limit: int):
+        """`make(graph_bytes, arrays)`: a checked session whose supplied initializers are `arrays`; at most
+        `limit` sessions at a time."""
         self._graph, self._record, self._make, self._pool = graph, record, make, pool
+        self.limit = limit
         self._cond = threading.Condition()
         self._ready: dict[int, tuple[int, Any]] = {}   # slot -> (generation, session)
         self._queued: dict[int, int] = {}              # slot -> generation to make a session for
@@ -67,11 +88,23 @@ class ConstantSessions:
                 self._uses[lease.slot] = (lease, uses)
             if uses >= ASK_AFTER_USES and self._off is None and not self._closed and lease.task != BASE \
                     and self._queued.get(lease.slot) != lease.generation \
-                    and self._making != (lease.slot, lease.generation):
+                    and self._making != (lease.slot, lease.generation) and self._room():
                 self._queued[lease.slot] = lease.generation
                 self._start()
                 self._cond.notify_all()
         return None
+
+    def _room(self) -> bool:
+        """Whether one more session may be asked for (under the lock): sessions over contents their slot no
+        longer holds are dropped first."""
+        def held() -> int:
+            return len(self._ready) + len(self._queued) + (self._making is not None)
+
+        if held() >= self.limit:
+            for slot, (generation, _) in list(self._ready.items()):
+                if not self._pool.still_holds(slot, generation):
+                    del self._ready[slot]
+        return held() < self.limit
 
     @property
     def off(self) -> str | None:

@@ -23,9 +23,9 @@ class Backend(Protocol):
     def fill_base(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Write the base values into `arrays` (one per spec key); the sha256 of base_file as read, or None."""
 
-    def attach_pool(self, pool: TaskPool, constant_sessions: bool) -> None:
+    def attach_pool(self, pool: TaskPool, constant_sessions: int) -> None:
         """The pool whose leases `run` gets, for background work over its buffers (ONNX Runtime on CPU:
-        a constant session per resident task, if `constant_sessions`)."""
+        a constant session for up to `constant_sessions` resident tasks)."""
 
     def wait_background(self, timeout: float | None) -> bool:
         """Wait for that background work to finish; False if `timeout` seconds passed first."""
@@ -43,7 +43,7 @@ class Backend(Protocol):
 class NoBackgroundWork:
     """attach_pool and wait_background for a backend that does no background work."""
 
-    def attach_pool(self, pool: TaskPool, constant_sessions: bool) -> None:
+    def attach_pool(self, pool: TaskPool, constant_sessions: int) -> None:
         return None
 
     def wait_background(self, timeout: float | None) -> bool:

@@ -116,12 +116,14 @@ class OrtBackend:
             options.intra_op_num_threads = self._threads
         return options
 
-    def attach_pool(self, pool: TaskPool, constant_sessions: bool) -> None:
-        """On CPU, with a bundle that has the constant graph: make constant sessions over the pool's slots."""
+    def attach_pool(self, pool: TaskPool, constant_sessions: int) -> None:
+        """On CPU, with a bundle that has the constant graph: make up to `constant_sessions` constant sessions
+        over the pool's slots."""
         if not constant_sessions:
-            self._constant_absent = "turned off (Engine.load(..., constant_sessions=False))"
+            self._constant_absent = "turned off (Engine.load(..., constant_sessions=0))"
         elif self._constant_graph is not None:
-            self._constant = ConstantSessions(*self._constant_graph, self._constant_session, pool)
+            self._constant = ConstantSessions(*self._constant_graph, self._constant_session, pool,
+                                              int(constant_sessions))
 
     def wait_background(self, timeout: float | None) -> bool:
         return self._constant is None or self._constant.wait(timeout)
@@ -131,8 +133,9 @@ class OrtBackend:
         """Constant sessions: whether on, how many are ready now, how many were made, why off."""
         held = self._constant
         if held is None:
-            return {"on": False, "ready": 0, "made": 0, "off_because": self._constant_absent}
-        return {"on": held.off is None, "ready": held.ready_count(), "made": held.made, "off_because": held.off}
+            return {"on": False, "ready": 0, "made": 0, "limit": 0, "off_because": self._constant_absent}
+        return {"on": held.off is None, "ready": held.ready_count(), "made": held.made, "limit": held.limit,
+                "off_because": held.off}
 
     def _constant_session(self, graph: bytes, arrays: dict[str, np.ndarray]) -> Any:
         """A session on the constant graph whose masked initializers are `arrays` (read in place)."""
