@@ -11,8 +11,8 @@ was made over: once the slot is rewritten, its next run drops it. A session is a
 ASK_AFTER_USES-th prediction over the same slot contents, so a task served once and evicted (round-robin over
 more tasks than buffers, uncached switches) costs no session it would never use. At most `limit` sessions
 are held: each costs about one to two models' weights of memory (ONNX Runtime's own copy of the unmasked
-weights and its prepacked copies), so by default only the first task served twice gets one; a session goes
-when its slot is rewritten, and the next task served twice takes its place.
+weights and its prepacked copies), so by default only the first task to reach ASK_AFTER_USES gets one; a
+session goes when its slot is rewritten, and the next task to reach ASK_AFTER_USES takes its place.
 
 The graph file is read when a session is made, checked against the manifest's record first: a file that
 changed after load, or any failure to make a session, turns constant sessions off with one warning, and
@@ -35,9 +35,7 @@ MAX_GRAPH_BYTES = 1 << 31  # protobuf's limit: a larger constant graph is never 
 ASK_AFTER_USES = 32  # leases (predictions) of one slot's contents before its session is asked for: making one
 # costs about 30 of the runs it speeds up by 8% (MobileCLIP2-S0: 74 ms against 2.5 ms saved a run), so a task
 # that stays resident for only a few predictions (round-robin over more tasks than buffers) is not worth one
-
-
-DEFAULT_LIMIT = 1            # constant sessions an engine holds unless told otherwise (the hot task's)
+DEFAULT_LIMIT = 1  # constant sessions an engine holds unless told otherwise (the hot task's)
 
 
 def session_limit(value: object) -> int:
